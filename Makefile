@@ -1,0 +1,135 @@
+# Build of the framework. `make` builds every program whose dependencies are present and says
+# which it skipped; `make test` runs the CPU suite; `make train` trains with defaults (fetching
+# and tokenizing the default corpus the first time); `make data` only prepares the corpus;
+# `make test-gpu` runs the CUDA-vs-CPU suite on a GPU machine; `make plot` draws a run's log.
+# Missing Debian packages are installed by `make deps` (run by train/test) when we are root.
+
+CXX      ?= g++
+NVCC     ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(NVCC)),/usr/local/cuda)
+CXXFLAGS ?= -O2 -march=native -g
+CXXFLAGS += -std=c++17 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -I. -Isrc
+LDFLAGS  += -fopenmp -lpthread
+BUILD    := build
+OUT      ?= out
+DATA     ?= $(HOME)/.cache/gpt-framework/brown
+RUN      ?= $(OUT)
+
+# GPU architecture: the GPU that is present, ARCH= to override, sm_90 without a GPU.
+ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
+ifeq ($(ARCH),)
+ARCH := 90
+endif
+NVCCFLAGS ?= -O3 -lineinfo
+NVCCFLAGS += -std=c++17 -gencode=arch=compute_$(ARCH),code=sm_$(ARCH) --expt-relaxed-constexpr \
+             -I. -Isrc -Xcompiler -fopenmp -MMD -MP
+
+# ---- which optional dependencies are here
+HAVE_PCRE2 := $(shell test -f /usr/include/pcre2.h && echo 1)
+HAVE_GTEST := $(shell test -d /usr/include/gtest && echo 1)
+HAVE_NVCC  := $(if $(NVCC),1,)
+HAVE_MPI   := $(shell command -v mpicxx >/dev/null 2>&1 && echo 1)
+
+# ---- sources
+CORE_SRC  := $(wildcard src/*.cpp) $(wildcard src/attention/*.cpp) $(wildcard models/*.cpp) \
+             $(filter-out data/prepare.cpp data/pretokenize.cpp, $(wildcard data/*.cpp))
+CUDA_SRC  := $(wildcard cuda/*.cu) $(wildcard cuda/attention/*.cu)
+CORE_OBJ  := $(CORE_SRC:%.cpp=$(BUILD)/obj/%.o)
+CUDA_OBJ  := $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
+PRETOK_OBJ := $(BUILD)/obj/data/pretokenize.o
+UNIT_SRC  := $(wildcard tests/unit/*.cpp)
+GPU_SRC   := $(wildcard tests/gpu/*.cpp) $(wildcard tests/gpu/*.cu)
+
+ifeq ($(HAVE_NVCC),1)
+BACKEND_OBJ := $(CUDA_OBJ)
+BACKEND_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt
+else
+BACKEND_OBJ := $(BUILD)/obj/backend/cuda_stub.o
+BACKEND_LIBS :=
+endif
+
+PROGRAMS := $(BUILD)/train $(BUILD)/attn
+ifeq ($(HAVE_PCRE2),1)
+PROGRAMS += $(BUILD)/prepare
+endif
+
+.PHONY: all deps test test-gpu train data plot clean bench
+all: $(PROGRAMS)
+	@test "$(HAVE_PCRE2)" = 1 || echo "skipped build/prepare: PCRE2 headers missing (apt-get install libpcre2-dev, or run 'make deps' as root)"
+	@test "$(HAVE_NVCC)" = 1 || echo "built without CUDA: nvcc not found (install the CUDA toolkit; --device cuda will say so)"
+
+# ---- Debian packages (installed when root, else the exact command is printed)
+DEB_PKGS := libgtest-dev libpcre2-dev nlohmann-json3-dev libcli11-dev
+deps:
+	@missing=""; \
+	test -d /usr/include/gtest || missing="$$missing libgtest-dev"; \
+	test -f /usr/include/pcre2.h || missing="$$missing libpcre2-dev"; \
+	test -d /usr/include/nlohmann || missing="$$missing nlohmann-json3-dev"; \
+	test -d /usr/include/CLI || missing="$$missing libcli11-dev"; \
+	command -v gnuplot >/dev/null || missing="$$missing gnuplot-nox"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null || \
+	      { echo "error: apt-get install$$missing failed; run it by hand"; exit 1; }; \
+	  else echo "error: missing packages; run: sudo apt-get install -y$$missing"; exit 1; fi; \
+	fi
+
+# ---- objects
+$(BUILD)/obj/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+$(BUILD)/obj/backend/cuda_stub.o: src/backend/cuda_stub.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) -c $< -o $@
+
+$(BUILD)/libcore.a: $(CORE_OBJ)
+	@mkdir -p $(BUILD)
+	rm -f $@ && ar rcs $@ $^
+
+# ---- programs
+$(BUILD)/train: $(BUILD)/obj/train/train.o $(BUILD)/libcore.a $(BACKEND_OBJ)
+	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS)
+$(BUILD)/attn: $(BUILD)/obj/train/attn.o $(BUILD)/libcore.a $(BACKEND_OBJ)
+	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS)
+$(BUILD)/prepare: $(BUILD)/obj/data/prepare.o $(PRETOK_OBJ) $(BUILD)/libcore.a
+	$(CXX) $^ -o $@ $(LDFLAGS) -lpcre2-8
+
+UNIT_OBJ := $(UNIT_SRC:%.cpp=$(BUILD)/obj/%.o)
+$(BUILD)/test_unit: $(UNIT_OBJ) $(PRETOK_OBJ) $(BUILD)/libcore.a $(BUILD)/obj/backend/cuda_stub.o
+	$(CXX) $^ -o $@ $(LDFLAGS) -lgtest -lgtest_main -lpcre2-8
+
+GPU_OBJ := $(patsubst %.cu,$(BUILD)/obj/%.o,$(patsubst %.cpp,$(BUILD)/obj/%.o,$(GPU_SRC)))
+$(BUILD)/test_gpu: $(GPU_OBJ) $(BUILD)/libcore.a $(BACKEND_OBJ)
+	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS) -lgtest -lgtest_main
+
+# ---- top-level commands
+# test: the CPU suite; the GPU suite is compiled too (not run) so a CUDA build break shows in CI.
+test: deps
+	@$(MAKE) --no-print-directory $(BUILD)/test_unit $(PROGRAMS) $(if $(HAVE_NVCC),$(BUILD)/test_gpu)
+	./tests/run_unit.sh $(BUILD)/test_unit
+
+test-gpu: $(BUILD)/test_gpu
+	$(BUILD)/test_gpu
+
+data: deps
+	@$(MAKE) --no-print-directory $(BUILD)/prepare
+	./data/fetch_corpus.sh $(DATA)
+
+train: data
+	@$(MAKE) --no-print-directory $(BUILD)/train
+	$(BUILD)/train --data $(DATA) --out $(OUT) $(ARGS)
+
+plot:
+	./train/plot.sh $(RUN)/log.jsonl $(RUN)/curves.png
+
+bench: all
+	./tests/bench/run.sh
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
