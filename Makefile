@@ -106,6 +106,11 @@ GPU_OBJ := $(patsubst %.cu,$(BUILD)/obj/%.o,$(patsubst %.cpp,$(BUILD)/obj/%.o,$(
 $(BUILD)/test_gpu: $(GPU_OBJ) $(BUILD)/libcore.a $(BACKEND_OBJ)
 	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS) -lgtest -lgtest_main
 
+# benchmarks: each tests/bench/NAME.cu is one program build/bench/NAME
+$(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(BUILD)/libcore.a $(BACKEND_OBJ)
+	@mkdir -p $(dir $@)
+	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS)
+
 # ---- top-level commands
 # test: the CPU suite; the GPU suite is compiled too (not run) so a CUDA build break shows in CI.
 test: deps
