@@ -11,6 +11,11 @@ using Factory = std::unique_ptr<Attention> (*)(const AttnConfig&);
 struct Entry { const char* name; Factory make; };
 const Entry kCpuVariants[] = {
     {"softmax", make_cpu_softmax_attention},
+    {"local", make_cpu_local_attention},
+    {"polynomial", make_cpu_polynomial_attention},
+    {"performer", make_cpu_performer_attention},
+    {"polysketch", make_cpu_polysketch_attention},
+    {"hyper", make_cpu_hyper_attention},
 };
 }  // namespace
 

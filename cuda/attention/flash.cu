@@ -1,0 +1,705 @@
+// Flash-tiled exact causal softmax attention (FlashAttention-2 scheme), forward and backward, and
+// its sliding-window twin `local` (query i sees keys i-W+1 .. i: W keys including itself, i.e.
+// flash-attn's window_size = (W-1, 0)). The mask kind is a template parameter, so `softmax` never
+// pays for the window test. Math: ../../shared/ATTENTION.md §1-2; tiles: flash_traits.cuh.
+//
+// bf16 path (tensor cores, mma.sync m16n8k16, fp32 accumulators and statistics):
+//   forward   one block per (query tile, h, b); streams the key/value tiles of the band with
+//             cp.async double buffering; online softmax in the log2 domain (log2(e) folded into
+//             the scale, exp2f); masks only the diagonal and window-edge tiles; writes O and
+//             LSE (natural log, fp32, (B,H,T)).
+//   backward  Δ_i = Σ dO_i·O_i (fp32 workspace), then a dK/dV kernel (one block per key tile,
+//             each warp owns 16 keys and loops over the query tiles of the band) and a separate
+//             dQ kernel (one block per query tile looping over key tiles): every sum runs in a
+//             fixed order, no atomics, so the backward is bitwise deterministic.
+// fp32 path (`--precision fp32`, for checking): the same algorithm with one warp per row and fp32
+// FMAs instead of tensor cores; simple and slow.
+// Memory is O(B·H·T): nothing of size T² exists anywhere.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "attention.h"
+#include "check.h"
+#include "cuda/attention/cuda_variants.cuh"
+#include "cuda/attention/flash_traits.cuh"
+#include "cuda/common.cuh"
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Which keys a query sees. Causal: j <= i. Window: i - W + 1 <= j <= i.
+enum class Mask { Causal, Window };
+
+// A HeadTensor on the device: element (b, h, t, i) at ptr + b*sb + h*sh + t*st + i.
+struct Strided {
+    void* ptr;
+    int64_t sb, sh, st;
+};
+Strided strided(const HeadTensor& t) { return Strided{t.ptr, t.sb, t.sh, t.st}; }
+
+template <typename T>
+__device__ __forceinline__ T* head_slice(const Strided& s, int b, int h) {
+    return static_cast<T*>(s.ptr) + b * s.sb + h * s.sh;
+}
+
+template <Mask kMask>
+__device__ __forceinline__ bool masked(int query, int key, int window) {
+    return key > query || (kMask == Mask::Window && key < query - window + 1);
+}
+
+// ============================================================================ bf16 forward
+// o (B,H,T,d), lse (B,H,T) <- q, k, v (B,H,T,d). Grid (query tiles, H, B); the heaviest tiles
+// (the last ones, with the most keys) start first.
+template <int D, Mask kMask>
+__global__ void __launch_bounds__(FlashTraits<D>::kThreads)
+    flash_forward_bf16(Strided O, Strided Q, Strided K, Strided V, float* lse, int H, int T,
+                       int window, float scale_log2) {
+    using Tr = FlashTraits<D>;
+    constexpr int Br = Tr::kBrQ, Bc = Tr::kBcQ;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    bf16* s_q = reinterpret_cast<bf16*>(flash_smem);  // (Br, D)
+    bf16* s_k = s_q + Br * D;                         // 2 stages of (Bc, D)
+    bf16* s_v = s_k + 2 * Bc * D;                     // 2 stages of (Bc, D)
+
+    const int q_tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, c = lane % 4;
+    const int q0 = q_tile * Br, q_end = q0 + Br - 1;  // tile rows (rows >= T are padding)
+    const int kt_first = kMask == Mask::Window ? max(0, q0 - window + 1) / Bc : 0;
+    const int kt_last = min(q_end, T - 1) / Bc;
+
+    const bf16* q_base = head_slice<const bf16>(Q, b, h);
+    const bf16* k_base = head_slice<const bf16>(K, b, h);
+    const bf16* v_base = head_slice<const bf16>(V, b, h);
+    load_tile_async<Br, D, Tr::kThreads>(s_q, q_base, Q.st, q0, T, tid);
+    load_tile_async<Bc, D, Tr::kThreads>(s_k, k_base, K.st, kt_first * Bc, T, tid);
+    load_tile_async<Bc, D, Tr::kThreads>(s_v, v_base, V.st, kt_first * Bc, T, tid);
+    cp_async_commit();
+
+    // this thread's two query rows: g and g + 8 of the warp's 16
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    float o_acc[D / 8][4] = {};  // unnormalised O of the warp's 16 rows
+    float m0 = -INFINITY, m1 = -INFINITY;  // running max of the scaled (log2) scores
+    float l0 = 0.f, l1 = 0.f;              // this thread's part of the running sum
+    uint32_t q_frag[D / 16][4];
+
+    for (int kt = kt_first; kt <= kt_last; ++kt) {
+        const int stage = (kt - kt_first) & 1;
+        if (kt < kt_last) {  // prefetch the next K/V tile into the other stage
+            load_tile_async<Bc, D, Tr::kThreads>(s_k + (stage ^ 1) * Bc * D, k_base, K.st,
+                                                 (kt + 1) * Bc, T, tid);
+            load_tile_async<Bc, D, Tr::kThreads>(s_v + (stage ^ 1) * Bc * D, v_base, V.st,
+                                                 (kt + 1) * Bc, T, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (kt == kt_first)
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) load_frag_a<D>(q_frag[kk], s_q, warp * 16, kk * 16, lane);
+        const bf16* tile_k = s_k + stage * Bc * D;
+        const bf16* tile_v = s_v + stage * Bc * D;
+
+        // S = Q·Kᵀ (16 x Bc per warp), in log2 units
+        float s[Bc / 8][4] = {};
+        warp_gemm_abt_regs<D, Bc>(s, q_frag, tile_k, lane);
+        const int k0 = kt * Bc;
+        const bool edge = k0 + Bc - 1 > q0 || (kMask == Mask::Window && k0 < q_end - window + 1);
+#pragma unroll
+        for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[nt][e] * scale_log2;
+                if (edge && masked<kMask>(e < 2 ? row0 : row1, k0 + nt * 8 + 2 * c + (e & 1), window))
+                    x = -INFINITY;
+                s[nt][e] = x;
+            }
+
+        // online softmax: new max, rescale the old sum and O by exp2(m_old - m_new)
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < Bc / 8; ++nt) {
+            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+        }
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {  // the 4 threads of a row
+            mx0 = fmaxf(mx0, __shfl_xor_sync(kFullMask, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(kFullMask, mx1, off));
+        }
+        // a row with no key so far keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN
+        const float base0 = mx0 == -INFINITY ? 0.f : mx0, base1 = mx1 == -INFINITY ? 0.f : mx1;
+        const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= alpha0;
+        l1 *= alpha1;
+#pragma unroll
+        for (int nt = 0; nt < Bc / 8; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - base0);
+            s[nt][1] = exp2f(s[nt][1] - base0);
+            s[nt][2] = exp2f(s[nt][2] - base1);
+            s[nt][3] = exp2f(s[nt][3] - base1);
+            l0 += s[nt][0] + s[nt][1];
+            l1 += s[nt][2] + s[nt][3];
+        }
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            o_acc[dn][0] *= alpha0;
+            o_acc[dn][1] *= alpha0;
+            o_acc[dn][2] *= alpha1;
+            o_acc[dn][3] *= alpha1;
+        }
+        warp_gemm_pv<D, Bc>(o_acc, s, tile_v, lane);
+        __syncthreads();  // the stage read here is overwritten by the next prefetch
+    }
+
+    // O /= l; LSE = (m + log2 l)·ln 2; a row without keys gives O = 0, LSE = -inf
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+        l0 += __shfl_xor_sync(kFullMask, l0, off);
+        l1 += __shfl_xor_sync(kFullMask, l1, off);
+    }
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    bf16* o_base = head_slice<bf16>(O, b, h);
+    float* lse_base = lse + ((int64_t)b * H + h) * T;
+    if (row0 < T) {
+        bf16* o_row = o_base + row0 * O.st;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+            *reinterpret_cast<__nv_bfloat162*>(o_row + dn * 8 + 2 * c) =
+                __floats2bfloat162_rn(o_acc[dn][0] * inv0, o_acc[dn][1] * inv0);
+        if (c == 0) lse_base[row0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : -INFINITY;
+    }
+    if (row1 < T) {
+        bf16* o_row = o_base + row1 * O.st;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+            *reinterpret_cast<__nv_bfloat162*>(o_row + dn * 8 + 2 * c) =
+                __floats2bfloat162_rn(o_acc[dn][2] * inv1, o_acc[dn][3] * inv1);
+        if (c == 0) lse_base[row1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : -INFINITY;
+    }
+}
+
+// ============================================================================ backward pre-pass
+// delta (B,H,T) fp32 = Σ_i dO·O per row; one warp per row.
+template <typename T>
+__global__ void flash_backward_delta(float* delta, Strided dO, Strided O, int H, int Tn, int D,
+                                     int64_t rows) {
+    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (r >= rows) return;
+    const int lane = threadIdx.x % 32;
+    const int t = (int)(r % Tn), h = (int)((r / Tn) % H), b = (int)(r / ((int64_t)Tn * H));
+    const T* do_row = head_slice<const T>(dO, b, h) + t * dO.st;
+    const T* o_row = head_slice<const T>(O, b, h) + t * O.st;
+    float acc = 0.f;
+    for (int i = lane; i < D; i += 32) acc += to_f32(do_row[i]) * to_f32(o_row[i]);
+    acc = warp_sum(acc);
+    if (lane == 0) delta[r] = acc;
+}
+
+// LSE in log2 units for the backward; -inf (a row without keys) and padding rows become +inf so
+// that P = exp2(S - LSE) = 0 there instead of inf·0 = NaN.
+__device__ __forceinline__ float lse_log2_or_inf(const float* lse_bh, int t, int T) {
+    if (t >= T) return INFINITY;
+    const float x = lse_bh[t];
+    return x == -INFINITY ? INFINITY : x * kLog2e;
+}
+
+// ============================================================================ bf16 dQ
+// dq (B,H,T,d) = scale·Σ_j dS_ij·K_j with dS = P∘(dO·Vᵀ - Δ), P = exp(S - LSE). One block per
+// query tile; every warp owns 16 query rows and loops over the key tiles of the band in order.
+template <int D, Mask kMask>
+__global__ void __launch_bounds__(FlashTraits<D>::kThreads)
+    flash_backward_dq_bf16(Strided dQ, Strided Q, Strided K, Strided V, Strided dO,
+                           const float* lse, const float* delta, int H, int T, int window,
+                           float scale_log2, float scale) {
+    using Tr = FlashTraits<D>;
+    constexpr int Br = Tr::kBrQ, Bc = Tr::kBcQ;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    bf16* s_q = reinterpret_cast<bf16*>(flash_smem);  // (Br, D)
+    bf16* s_do = s_q + Br * D;                        // (Br, D)
+    bf16* s_k = s_do + Br * D;                        // 2 stages of (Bc, D)
+    bf16* s_v = s_k + 2 * Bc * D;                     // 2 stages of (Bc, D)
+
+    const int q_tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, c = lane % 4;
+    const int q0 = q_tile * Br, q_end = q0 + Br - 1;
+    const int kt_first = kMask == Mask::Window ? max(0, q0 - window + 1) / Bc : 0;
+    const int kt_last = min(q_end, T - 1) / Bc;
+
+    const bf16* k_base = head_slice<const bf16>(K, b, h);
+    const bf16* v_base = head_slice<const bf16>(V, b, h);
+    load_tile_async<Br, D, Tr::kThreads>(s_q, head_slice<const bf16>(Q, b, h), Q.st, q0, T, tid);
+    load_tile_async<Br, D, Tr::kThreads>(s_do, head_slice<const bf16>(dO, b, h), dO.st, q0, T, tid);
+    load_tile_async<Bc, D, Tr::kThreads>(s_k, k_base, K.st, kt_first * Bc, T, tid);
+    load_tile_async<Bc, D, Tr::kThreads>(s_v, v_base, V.st, kt_first * Bc, T, tid);
+    cp_async_commit();
+
+    const int row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+    const int64_t bh = (int64_t)b * H + h;
+    const float lse0 = lse_log2_or_inf(lse + bh * T, row0, T);
+    const float lse1 = lse_log2_or_inf(lse + bh * T, row1, T);
+    const float delta0 = row0 < T ? delta[bh * T + row0] : 0.f;
+    const float delta1 = row1 < T ? delta[bh * T + row1] : 0.f;
+    float dq_acc[D / 8][4] = {};
+
+    for (int kt = kt_first; kt <= kt_last; ++kt) {
+        const int stage = (kt - kt_first) & 1;
+        if (kt < kt_last) {
+            load_tile_async<Bc, D, Tr::kThreads>(s_k + (stage ^ 1) * Bc * D, k_base, K.st,
+                                                 (kt + 1) * Bc, T, tid);
+            load_tile_async<Bc, D, Tr::kThreads>(s_v + (stage ^ 1) * Bc * D, v_base, V.st,
+                                                 (kt + 1) * Bc, T, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* tile_k = s_k + stage * Bc * D;
+        const bf16* tile_v = s_v + stage * Bc * D;
+
+        float s[Bc / 8][4] = {};   // S = Q·Kᵀ, then P, then dS
+        float dp[Bc / 8][4] = {};  // dP = dO·Vᵀ
+        warp_gemm_abt<D, Bc>(s, s_q, warp * 16, tile_k, lane);
+        warp_gemm_abt<D, Bc>(dp, s_do, warp * 16, tile_v, lane);
+        const int k0 = kt * Bc;
+        const bool edge = k0 + Bc - 1 > q0 || (kMask == Mask::Window && k0 < q_end - window + 1);
+#pragma unroll
+        for (int nt = 0; nt < Bc / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool lower = e >= 2;
+                float p = exp2f(fmaf(s[nt][e], scale_log2, -(lower ? lse1 : lse0)));
+                if (edge && masked<kMask>(lower ? row1 : row0, k0 + nt * 8 + 2 * c + (e & 1), window))
+                    p = 0.f;
+                s[nt][e] = p * (dp[nt][e] - (lower ? delta1 : delta0));
+            }
+        warp_gemm_pv<D, Bc>(dq_acc, s, tile_k, lane);  // dQ += dS·K
+        __syncthreads();
+    }
+
+    bf16* dq_base = head_slice<bf16>(dQ, b, h);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = half ? row1 : row0;
+        if (row >= T) continue;
+        bf16* dq_row = dq_base + row * dQ.st;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+            *reinterpret_cast<__nv_bfloat162*>(dq_row + dn * 8 + 2 * c) = __floats2bfloat162_rn(
+                dq_acc[dn][2 * half] * scale, dq_acc[dn][2 * half + 1] * scale);
+    }
+}
+
+// ============================================================================ bf16 dK, dV
+// dv (B,H,T,d) = Σ_i P_ij·dO_i, dk = scale·Σ_i dS_ij·Q_i. One block per key tile; every warp owns
+// 16 keys and computes the transposed score tiles Sᵀ = K·Qᵀ, whose accumulators are directly the
+// A operands of Pᵀ·dO and dSᵀ·Q. The block walks the query tiles of the band in order.
+template <int D, Mask kMask>
+__global__ void __launch_bounds__(FlashTraits<D>::kThreads)
+    flash_backward_dkdv_bf16(Strided dK, Strided dV, Strided Q, Strided K, Strided V, Strided dO,
+                             const float* lse, const float* delta, int H, int T, int window,
+                             float scale_log2, float scale) {
+    using Tr = FlashTraits<D>;
+    constexpr int Bc = Tr::kBcKV, Br = Tr::kBrKV;
+    extern __shared__ __align__(16) unsigned char flash_smem[];
+    bf16* s_k = reinterpret_cast<bf16*>(flash_smem);  // (Bc, D)
+    bf16* s_v = s_k + Bc * D;                         // (Bc, D)
+    bf16* s_q = s_v + Bc * D;                         // 2 stages of (Br, D)
+    bf16* s_do = s_q + 2 * Br * D;                    // 2 stages of (Br, D)
+    float* s_lse = reinterpret_cast<float*>(s_do + 2 * Br * D);  // 2 stages of (Br), log2 units
+    float* s_delta = s_lse + 2 * Br;                             // 2 stages of (Br)
+
+    const int k_tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;  // low key tiles are heaviest
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, c = lane % 4;
+    const int k0 = k_tile * Bc, k_end = k0 + Bc - 1;
+    const int qt_first = k0 / Br;
+    const int q_last = kMask == Mask::Window ? min(T - 1, min(k_end, T - 1) + window - 1) : T - 1;
+    const int qt_last = q_last / Br;
+
+    const int64_t bh = (int64_t)b * H + h;
+    const bf16* q_base = head_slice<const bf16>(Q, b, h);
+    const bf16* do_base = head_slice<const bf16>(dO, b, h);
+    auto load_query_tile = [&](int qt, int stage) {
+        load_tile_async<Br, D, Tr::kThreads>(s_q + stage * Br * D, q_base, Q.st, qt * Br, T, tid);
+        load_tile_async<Br, D, Tr::kThreads>(s_do + stage * Br * D, do_base, dO.st, qt * Br, T, tid);
+        for (int i = tid; i < Br; i += Tr::kThreads) {
+            const int t = qt * Br + i;
+            s_lse[stage * Br + i] = lse_log2_or_inf(lse + bh * T, t, T);
+            s_delta[stage * Br + i] = t < T ? delta[bh * T + t] : 0.f;
+        }
+    };
+    load_tile_async<Bc, D, Tr::kThreads>(s_k, head_slice<const bf16>(K, b, h), K.st, k0, T, tid);
+    load_tile_async<Bc, D, Tr::kThreads>(s_v, head_slice<const bf16>(V, b, h), V.st, k0, T, tid);
+    load_query_tile(qt_first, 0);
+    cp_async_commit();
+
+    const int key0 = k0 + warp * 16 + g, key1 = key0 + 8;  // this thread's two key rows
+    float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
+
+    for (int qt = qt_first; qt <= qt_last; ++qt) {
+        const int stage = (qt - qt_first) & 1;
+        if (qt < qt_last) {
+            load_query_tile(qt + 1, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* tile_q = s_q + stage * Br * D;
+        const bf16* tile_do = s_do + stage * Br * D;
+        const float* tile_lse = s_lse + stage * Br;
+        const float* tile_delta = s_delta + stage * Br;
+
+        float st[Br / 8][4] = {};   // Sᵀ = K·Qᵀ (16 keys x Br queries), then Pᵀ
+        float dpt[Br / 8][4] = {};  // dPᵀ = V·dOᵀ, then dSᵀ
+        warp_gemm_abt<D, Br>(st, s_k, warp * 16, tile_q, lane);
+        warp_gemm_abt<D, Br>(dpt, s_v, warp * 16, tile_do, lane);
+        const int i0 = qt * Br, i_end = i0 + Br - 1;
+        const bool edge = k_end > i0 || (kMask == Mask::Window && k0 < i_end - window + 1);
+#pragma unroll
+        for (int nt = 0; nt < Br / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = nt * 8 + 2 * c + (e & 1);  // query within the tile
+                float p = exp2f(fmaf(st[nt][e], scale_log2, -tile_lse[col]));
+                if (edge && masked<kMask>(i0 + col, e < 2 ? key0 : key1, window)) p = 0.f;
+                st[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - tile_delta[col]);
+            }
+        warp_gemm_pv<D, Br>(dv_acc, st, tile_do, lane);  // dV += Pᵀ·dO
+        warp_gemm_pv<D, Br>(dk_acc, dpt, tile_q, lane);  // dK += dSᵀ·Q
+        __syncthreads();
+    }
+
+    bf16* dk_base = head_slice<bf16>(dK, b, h);
+    bf16* dv_base = head_slice<bf16>(dV, b, h);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int key = half ? key1 : key0;
+        if (key >= T) continue;
+        bf16* dk_row = dk_base + key * dK.st;
+        bf16* dv_row = dv_base + key * dV.st;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            *reinterpret_cast<__nv_bfloat162*>(dk_row + dn * 8 + 2 * c) = __floats2bfloat162_rn(
+                dk_acc[dn][2 * half] * scale, dk_acc[dn][2 * half + 1] * scale);
+            *reinterpret_cast<__nv_bfloat162*>(dv_row + dn * 8 + 2 * c) =
+                __floats2bfloat162_rn(dv_acc[dn][2 * half], dv_acc[dn][2 * half + 1]);
+        }
+    }
+}
+
+// ============================================================================ fp32 path
+// One warp per row, each lane holding D/32 elements; dot products reduce across the warp.
+constexpr int kRowsPerBlock = 4;  // warps per block in the row-per-warp kernels
+
+template <int E>
+__device__ __forceinline__ float warp_dot(const float (&x)[E], const float* y, int lane) {
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc += x[e] * y[lane + 32 * e];
+    return warp_sum(acc);
+}
+
+__device__ __forceinline__ bool row_of_warp(int64_t rows, int H, int T, int& b, int& h, int& t) {
+    const int64_t r = (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+    if (r >= rows) return false;
+    t = (int)(r % T);
+    h = (int)((r / T) % H);
+    b = (int)(r / ((int64_t)T * H));
+    return true;
+}
+
+template <int D, Mask kMask>
+__global__ void flash_forward_f32(Strided O, Strided Q, Strided K, Strided V, float* lse, int H,
+                                  int T, int window, float scale_log2, int64_t rows) {
+    constexpr int E = D / 32;
+    int b, h, i;
+    if (!row_of_warp(rows, H, T, b, h, i)) return;
+    const int lane = threadIdx.x % 32;
+    const float* q_row = head_slice<const float>(Q, b, h) + i * Q.st;
+    const float* k_base = head_slice<const float>(K, b, h);
+    const float* v_base = head_slice<const float>(V, b, h);
+    float q[E], acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        q[e] = q_row[lane + 32 * e] * scale_log2;
+        acc[e] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    const int j_first = kMask == Mask::Window ? max(0, i - window + 1) : 0;
+    for (int j = j_first; j <= i; ++j) {
+        const float x = warp_dot(q, k_base + j * K.st, lane);
+        const float m_new = fmaxf(m, x);
+        const float alpha = exp2f(m - m_new), p = exp2f(x - m_new);
+        l = l * alpha + p;
+        const float* v_row = v_base + j * V.st;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = acc[e] * alpha + p * v_row[lane + 32 * e];
+        m = m_new;
+    }
+    float* o_row = head_slice<float>(O, b, h) + i * O.st;
+#pragma unroll
+    for (int e = 0; e < E; ++e) o_row[lane + 32 * e] = acc[e] / l;  // l >= 1: key i is always seen
+    if (lane == 0) lse[((int64_t)b * H + h) * T + i] = (m + log2f(l)) * kLn2;
+}
+
+// dq: one warp per query row i, over keys j of its band
+template <int D, Mask kMask>
+__global__ void flash_backward_dq_f32(Strided dQ, Strided Q, Strided K, Strided V, Strided dO,
+                                      const float* lse, const float* delta, int H, int T,
+                                      int window, float scale_log2, float scale, int64_t rows) {
+    constexpr int E = D / 32;
+    int b, h, i;
+    if (!row_of_warp(rows, H, T, b, h, i)) return;
+    const int lane = threadIdx.x % 32;
+    const int64_t r = ((int64_t)b * H + h) * T + i;
+    const float lse2 = lse_log2_or_inf(lse + r - i, i, T), delta_i = delta[r];
+    const float* q_row = head_slice<const float>(Q, b, h) + i * Q.st;
+    const float* do_row = head_slice<const float>(dO, b, h) + i * dO.st;
+    const float* k_base = head_slice<const float>(K, b, h);
+    const float* v_base = head_slice<const float>(V, b, h);
+    float q[E], d_o[E], acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        q[e] = q_row[lane + 32 * e] * scale_log2;
+        d_o[e] = do_row[lane + 32 * e];
+        acc[e] = 0.f;
+    }
+    const int j_first = kMask == Mask::Window ? max(0, i - window + 1) : 0;
+    for (int j = j_first; j <= i; ++j) {
+        const float* k_row = k_base + j * K.st;
+        const float p = exp2f(warp_dot(q, k_row, lane) - lse2);
+        const float ds = p * (warp_dot(d_o, v_base + j * V.st, lane) - delta_i);
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += ds * k_row[lane + 32 * e];
+    }
+    float* dq_row = head_slice<float>(dQ, b, h) + i * dQ.st;
+#pragma unroll
+    for (int e = 0; e < E; ++e) dq_row[lane + 32 * e] = acc[e] * scale;
+}
+
+// dk, dv: one warp per key row j, over the queries i of its band
+template <int D, Mask kMask>
+__global__ void flash_backward_dkdv_f32(Strided dK, Strided dV, Strided Q, Strided K, Strided V,
+                                        Strided dO, const float* lse, const float* delta, int H,
+                                        int T, int window, float scale_log2, float scale,
+                                        int64_t rows) {
+    constexpr int E = D / 32;
+    int b, h, j;
+    if (!row_of_warp(rows, H, T, b, h, j)) return;
+    const int lane = threadIdx.x % 32;
+    const int64_t bh = (int64_t)b * H + h;
+    const float* k_row = head_slice<const float>(K, b, h) + j * K.st;
+    const float* v_row = head_slice<const float>(V, b, h) + j * V.st;
+    const float* q_base = head_slice<const float>(Q, b, h);
+    const float* do_base = head_slice<const float>(dO, b, h);
+    float k[E], v[E], dk[E], dv[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        k[e] = k_row[lane + 32 * e] * scale_log2;
+        v[e] = v_row[lane + 32 * e];
+        dk[e] = dv[e] = 0.f;
+    }
+    const int i_last = kMask == Mask::Window ? min(T - 1, j + window - 1) : T - 1;
+    for (int i = j; i <= i_last; ++i) {
+        const float* q_row = q_base + i * Q.st;
+        const float* do_row = do_base + i * dO.st;
+        const float p = exp2f(warp_dot(k, q_row, lane) - lse_log2_or_inf(lse + bh * T, i, T));
+        const float ds = p * (warp_dot(v, do_row, lane) - delta[bh * T + i]);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            dv[e] += p * do_row[lane + 32 * e];
+            dk[e] += ds * q_row[lane + 32 * e];
+        }
+    }
+    float* dk_row = head_slice<float>(dK, b, h) + j * dK.st;
+    float* dv_row = head_slice<float>(dV, b, h) + j * dV.st;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        dk_row[lane + 32 * e] = dk[e] * scale;
+        dv_row[lane + 32 * e] = dv[e];
+    }
+}
+
+// ============================================================================ launchers
+// Kernels with more than 48 KiB of dynamic shared memory must opt in once per instantiation.
+template <typename Kernel>
+void set_smem(Kernel kernel, int bytes) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+struct FlashArgs {
+    AttnShape s;
+    int window;  // effective window, clamped to T (causal: T)
+    float scale, scale_log2;
+};
+
+template <int D, Mask kMask>
+void launch_forward(const FlashArgs& a, DType dt, Strided o, Strided q, Strided k, Strided v,
+                    float* lse) {
+    if (dt == DType::BF16) {
+        using Tr = FlashTraits<D>;
+        auto kernel = flash_forward_bf16<D, kMask>;
+        set_smem(kernel, Tr::kFwdSmem);
+        dim3 grid(ceil_div(a.s.T, Tr::kBrQ), a.s.H, a.s.B);
+        kernel<<<grid, Tr::kThreads, Tr::kFwdSmem>>>(o, q, k, v, lse, a.s.H, a.s.T, a.window,
+                                                     a.scale_log2);
+    } else {
+        const int64_t rows = (int64_t)a.s.rows();
+        flash_forward_f32<D, kMask><<<ceil_div(rows, kRowsPerBlock), 32 * kRowsPerBlock>>>(
+            o, q, k, v, lse, a.s.H, a.s.T, a.window, a.scale_log2, rows);
+    }
+    CUDA_LAUNCH_CHECK();
+}
+
+template <int D, Mask kMask>
+void launch_backward(const FlashArgs& a, DType dt, Strided dq, Strided dk, Strided dv, Strided d_o,
+                     Strided q, Strided k, Strided v, Strided o, const float* lse, float* delta) {
+    const int64_t rows = (int64_t)a.s.rows();
+    const int H = a.s.H, T = a.s.T;
+    const int delta_blocks = ceil_div(rows, kRowsPerBlock);
+    if (dt == DType::BF16) {
+        using Tr = FlashTraits<D>;
+        flash_backward_delta<bf16><<<delta_blocks, 32 * kRowsPerBlock>>>(delta, d_o, o, H, T, D, rows);
+        CUDA_LAUNCH_CHECK();
+        auto dkdv = flash_backward_dkdv_bf16<D, kMask>;
+        set_smem(dkdv, Tr::kDkvSmem);
+        dkdv<<<dim3(ceil_div(T, Tr::kBcKV), H, a.s.B), Tr::kThreads, Tr::kDkvSmem>>>(
+            dk, dv, q, k, v, d_o, lse, delta, H, T, a.window, a.scale_log2, a.scale);
+        CUDA_LAUNCH_CHECK();
+        auto dq_kernel = flash_backward_dq_bf16<D, kMask>;
+        set_smem(dq_kernel, Tr::kDqSmem);
+        dq_kernel<<<dim3(ceil_div(T, Tr::kBrQ), H, a.s.B), Tr::kThreads, Tr::kDqSmem>>>(
+            dq, q, k, v, d_o, lse, delta, H, T, a.window, a.scale_log2, a.scale);
+        CUDA_LAUNCH_CHECK();
+    } else {
+        flash_backward_delta<float><<<delta_blocks, 32 * kRowsPerBlock>>>(delta, d_o, o, H, T, D, rows);
+        CUDA_LAUNCH_CHECK();
+        flash_backward_dkdv_f32<D, kMask><<<delta_blocks, 32 * kRowsPerBlock>>>(
+            dk, dv, q, k, v, d_o, lse, delta, H, T, a.window, a.scale_log2, a.scale, rows);
+        CUDA_LAUNCH_CHECK();
+        flash_backward_dq_f32<D, kMask><<<delta_blocks, 32 * kRowsPerBlock>>>(
+            dq, q, k, v, d_o, lse, delta, H, T, a.window, a.scale_log2, a.scale, rows);
+        CUDA_LAUNCH_CHECK();
+    }
+}
+
+// ============================================================================ the module
+class CudaFlashAttention : public Attention {
+public:
+    // window <= 0: causal softmax; otherwise the sliding window of W keys
+    CudaFlashAttention(std::string name, int window) : name_(std::move(name)), window_(window) {}
+
+    std::string name() const override { return name_; }
+    size_t saved_size(const AttnShape& s) const override { return s.rows(); }  // LSE (B,H,T)
+    size_t workspace_bytes(const AttnShape& s) const override {
+        return s.rows() * sizeof(float);  // Δ (B,H,T) fp32
+    }
+
+    void forward(const AttnShape& s, const AttnContext& ctx, HeadTensor o, HeadTensor q,
+                 HeadTensor k, HeadTensor v, float* saved, Tensor params, void* workspace) override {
+        const DType dt = check_tensors(s, {{"o", o}, {"q", q}, {"k", k}, {"v", v}});
+        CHECK(saved != nullptr, "%s attention: forward needs the saved buffer (%zu floats)",
+              name_.c_str(), saved_size(s));
+        const FlashArgs a = args(s);
+        dispatch(s.d, [&](auto d_tag, auto mask_tag) {
+            launch_forward<decltype(d_tag)::value, decltype(mask_tag)::value>(
+                a, dt, strided(o), strided(q), strided(k), strided(v), saved);
+        });
+    }
+
+    void backward(const AttnShape& s, const AttnContext& ctx, HeadTensor dq, HeadTensor dk,
+                  HeadTensor dv, Tensor dparams, HeadTensor dout, HeadTensor q, HeadTensor k,
+                  HeadTensor v, HeadTensor o, const float* saved, Tensor params,
+                  void* workspace) override {
+        const DType dt = check_tensors(s, {{"dq", dq}, {"dk", dk}, {"dv", dv}, {"dout", dout},
+                                           {"q", q}, {"k", k}, {"v", v}, {"o", o}});
+        CHECK(saved != nullptr && workspace != nullptr,
+              "%s attention: backward needs the saved LSE and a workspace of %zu bytes",
+              name_.c_str(), workspace_bytes(s));
+        const FlashArgs a = args(s);
+        float* delta = static_cast<float*>(workspace);
+        dispatch(s.d, [&](auto d_tag, auto mask_tag) {
+            launch_backward<decltype(d_tag)::value, decltype(mask_tag)::value>(
+                a, dt, strided(dq), strided(dk), strided(dv), strided(dout), strided(q),
+                strided(k), strided(v), strided(o), saved, delta);
+        });
+    }
+
+private:
+    template <int V> using IntTag = std::integral_constant<int, V>;
+    template <Mask V> using MaskTag = std::integral_constant<Mask, V>;
+
+    // Calls fn(IntTag<D>, MaskTag<M>) for the head dim and mask of this variant.
+    template <typename Fn>
+    void dispatch(int d, Fn&& fn) const {
+        const bool window = window_ > 0;
+        if (d == 64 && !window) fn(IntTag<64>{}, MaskTag<Mask::Causal>{});
+        else if (d == 64) fn(IntTag<64>{}, MaskTag<Mask::Window>{});
+        else if (!window) fn(IntTag<128>{}, MaskTag<Mask::Causal>{});
+        else fn(IntTag<128>{}, MaskTag<Mask::Window>{});
+    }
+
+    FlashArgs args(const AttnShape& s) const {
+        FlashArgs a;
+        a.s = s;
+        a.window = window_ > 0 ? std::min(window_, s.T) : s.T;
+        a.scale = 1.f / std::sqrt((float)s.d);
+        a.scale_log2 = a.scale * kLog2e;
+        return a;
+    }
+
+    // All tensors share one dtype; bf16 tiles are read with 16-byte copies, so their rows must
+    // be 16-byte aligned. Returns the dtype.
+    DType check_tensors(const AttnShape& s,
+                        std::initializer_list<std::pair<const char*, HeadTensor>> ts) const {
+        CHECK(s.d == 64 || s.d == 128,
+              "%s attention (CUDA flash): head dim d=%d is not supported; use n_embd/n_head = 64 "
+              "or 128", name_.c_str(), s.d);
+        CHECK(s.B >= 1 && s.H >= 1 && s.T >= 1 && s.H <= 65535 && s.B <= 65535,
+              "%s attention: bad shape B=%d H=%d T=%d", name_.c_str(), s.B, s.H, s.T);
+        const DType dt = ts.begin()->second.dtype;
+        for (const auto& [what, t] : ts) {
+            CHECK(t.ptr != nullptr, "%s attention: tensor %s is null", name_.c_str(), what);
+            CHECK(t.dtype == dt, "%s attention: tensor %s is %s but %s is %s", name_.c_str(), what,
+                  dtype_name(t.dtype), ts.begin()->first, dtype_name(dt));
+            if (dt == DType::BF16)
+                CHECK(reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.sb % 8 == 0 &&
+                          t.sh % 8 == 0 && t.st % 8 == 0,
+                      "%s attention: bf16 tensor %s must be 16-byte aligned with strides that are "
+                      "multiples of 8 elements (got sb=%lld sh=%lld st=%lld)",
+                      name_.c_str(), what, (long long)t.sb, (long long)t.sh, (long long)t.st);
+        }
+        return dt;
+    }
+
+    std::string name_;
+    int window_;
+};
+
+}  // namespace
+
+std::unique_ptr<Attention> make_cuda_softmax_attention(const AttnConfig& cfg) {
+    return std::make_unique<CudaFlashAttention>("softmax", 0);
+}
+
+std::unique_ptr<Attention> make_cuda_local_attention(const AttnConfig& cfg) {
+    CHECK(cfg.window >= 1, "--window %d: the local attention window must be >= 1 key", cfg.window);
+    return std::make_unique<CudaFlashAttention>("local", cfg.window);
+}

@@ -1,0 +1,179 @@
+// Tiling parameters and warp-level tensor-core building blocks of the flash attention kernels
+// (cuda/attention/flash.cu). One traits struct per head dimension holds every tile size, so a
+// tuning change is one line here. The building blocks are bf16 mma.sync m16n8k16 with fp32
+// accumulators, fed by ldmatrix from shared-memory tiles whose 16-byte chunks are XOR-swizzled
+// (chunk ^ (row & 7)) so that the eight rows read by one ldmatrix phase hit distinct banks.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, c = lane % 4):
+//   A 16x16 (row-major): a0 = (g, 2c..2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..)
+//   B 16x8:              b0 = (k 2c..2c+1, n g), b1 = (k 2c+8..2c+9, n g)
+//   C 16x8 fp32:         c0,c1 = (g, 2c..2c+1), c2,c3 = (g+8, 2c..2c+1)
+// The C layout of two adjacent n8 tiles is exactly the A layout of one k16 slice, so a score
+// tile P becomes the A operand of P·V in registers, without a trip through shared memory.
+#pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+
+template <int kHeadDim>
+struct FlashTraits {
+    static_assert(kHeadDim == 64 || kHeadDim == 128, "flash attention: head dim 64 or 128");
+    static constexpr int D = kHeadDim;
+    static constexpr int kWarps = 4;
+    static constexpr int kThreads = 32 * kWarps;
+    // forward and dQ kernels: query tile (16 rows per warp) x key tile
+    static constexpr int kBrQ = 16 * kWarps;
+    static constexpr int kBcQ = 64;
+    // dK/dV kernel: key tile (16 keys per warp) x inner query tile. The warp keeps dK and dV
+    // (2 x 16 x D fp32) in registers, so at D = 128 the inner tile is halved to avoid spills.
+    static constexpr int kBcKV = 16 * kWarps;
+    static constexpr int kBrKV = D == 64 ? 64 : 32;
+
+    // dynamic shared memory (bytes) of each kernel; K/V (or Q/dO) tiles are double-buffered
+    static constexpr int kFwdSmem = (kBrQ * D + 2 * 2 * kBcQ * D) * 2;
+    static constexpr int kDqSmem = (2 * kBrQ * D + 2 * 2 * kBcQ * D) * 2;
+    static constexpr int kDkvSmem = (2 * kBcKV * D + 2 * 2 * kBrKV * D) * 2 + 2 * 2 * kBrKV * 4;
+};
+
+// ---------------------------------------------------------------- shared-memory tiles
+// Element offset of 16-byte chunk `chunk` (8 bf16) of row `row` in a swizzled tile with D columns.
+template <int D>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+    return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy global -> shared; `valid` false writes zeros (src is not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Rows [t0, t0 + R) of one (b, h) slice (row stride `st` elements) -> swizzled tile (R, D);
+// rows >= T are zero-filled, so ragged tiles need no special case in the math.
+template <int R, int D, int kThreads>
+__device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* slice, int64_t st, int t0,
+                                                int T, int tid) {
+    constexpr int kChunks = D / 8;
+#pragma unroll
+    for (int idx = tid; idx < R * kChunks; idx += kThreads) {
+        const int row = idx / kChunks, chunk = idx % kChunks;
+        const int t = t0 + row;
+        const bool valid = t < T;
+        const bf16* src = slice + (int64_t)(valid ? t : 0) * st + chunk * 8;
+        cp_async_16(tile + swizzled<D>(row, chunk), src, valid);
+    }
+}
+
+// ---------------------------------------------------------------- tensor-core fragments
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// acc (16x8) += a (16x16) · b (16x8)
+__device__ __forceinline__ void mma_bf16(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// two floats -> bf16x2 in one register, `lo` in the low half (the lower column index)
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// A operand: rows r0..r0+15, columns k0..k0+15 of a row-major tile.
+template <int D>
+__device__ __forceinline__ void load_frag_a(uint32_t (&a)[4], const bf16* tile, int r0, int k0,
+                                            int lane) {
+    const int row = r0 + (lane & 15), chunk = (k0 >> 3) + (lane >> 4);
+    ldmatrix_x4(a, tile + swizzled<D>(row, chunk));
+}
+// B operands of two n8 tiles (n0.., n0+8..) for the k16 slice k0, where B[k][n] = tile[n][k]
+// (the tile's rows are the n index: K in Q·Kᵀ). b[0], b[1]: tile n0; b[2], b[3]: tile n0+8.
+template <int D>
+__device__ __forceinline__ void load_frag_b_nk(uint32_t (&b)[4], const bf16* tile, int n0, int k0,
+                                               int lane) {
+    const int row = n0 + (lane & 7) + ((lane >> 4) << 3), chunk = (k0 >> 3) + ((lane >> 3) & 1);
+    ldmatrix_x4(b, tile + swizzled<D>(row, chunk));
+}
+// Same, where B[k][n] = tile[k][n] (the tile's rows are the k index: V in P·V), via .trans.
+template <int D>
+__device__ __forceinline__ void load_frag_b_kn(uint32_t (&b)[4], const bf16* tile, int k0, int n0,
+                                               int lane) {
+    const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3), chunk = (n0 >> 3) + (lane >> 4);
+    ldmatrix_x4_trans(b, tile + swizzled<D>(row, chunk));
+}
+
+// acc (16 x N) += A[r0 : r0+16, 0:D] · Bt[0:N, 0:D]ᵀ   (both row-major tiles with D columns)
+template <int D, int N>
+__device__ __forceinline__ void warp_gemm_abt(float (&acc)[N / 8][4], const bf16* tile_a, int r0,
+                                              const bf16* tile_bt, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        load_frag_a<D>(a, tile_a, r0, kk * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            uint32_t b[4];
+            load_frag_b_nk<D>(b, tile_bt, nn * 16, kk * 16, lane);
+            mma_bf16(acc[2 * nn], a, b[0], b[1]);
+            mma_bf16(acc[2 * nn + 1], a, b[2], b[3]);
+        }
+    }
+}
+// Same with the A operand already in registers (the forward keeps its Q tile there).
+template <int D, int N>
+__device__ __forceinline__ void warp_gemm_abt_regs(float (&acc)[N / 8][4],
+                                                   const uint32_t (&a)[D / 16][4],
+                                                   const bf16* tile_bt, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            uint32_t b[4];
+            load_frag_b_nk<D>(b, tile_bt, nn * 16, kk * 16, lane);
+            mma_bf16(acc[2 * nn], a[kk], b[0], b[1]);
+            mma_bf16(acc[2 * nn + 1], a[kk], b[2], b[3]);
+        }
+}
+// acc (16 x D) += P (16 x K, an accumulator-layout register tile, rounded to bf16) · tile[0:K, 0:D]
+template <int D, int K>
+__device__ __forceinline__ void warp_gemm_pv(float (&acc)[D / 8][4], const float (&p)[K / 8][4],
+                                             const bf16* tile, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        const uint32_t a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
+                               pack_bf16(p[2 * kk][2], p[2 * kk][3]),
+                               pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                               pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            uint32_t b[4];
+            load_frag_b_kn<D>(b, tile, kk * 16, dn * 16, lane);
+            mma_bf16(acc[2 * dn], a, b[0], b[1]);
+            mma_bf16(acc[2 * dn + 1], a, b[2], b[3]);
+        }
+    }
+}

@@ -1,0 +1,322 @@
+// GPU tests of the CUDA flash attention (cuda/attention/flash.cu), variants `softmax` and `local`:
+// forward output, LSE and dq/dk/dv against the CPU reference (make_cpu_attention, fp32 with
+// double accumulators) on the same inputs — rounded to bf16 first in bf16 mode — over ragged
+// lengths, both head dims, the contiguous (B,H,T,d) layout and the model's strided view into a
+// fused (B,T,3,H,d) qkv buffer, and inputs scaled ×1 and ×8 (large logits). Also: `local` with
+// W >= T equals `softmax`, the backward is bitwise deterministic, and bad head dims are refused.
+//
+// Outputs are poisoned with NaN before every launch, so an element the kernel forgets to write
+// fails the comparison. Error measure: ‖gpu − cpu‖ / ‖cpu‖ in double per tensor.
+//
+// The CPU backward is given the GPU's output O (Δ = Σ dO·O uses it), so both sides differentiate
+// the same forward: with bf16 O rounded, Δ would otherwise differ by O's rounding error, which at
+// ×8 inputs (nearly one-hot rows, where dP − Δ cancels) is larger than the gradient itself.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "cuda/attention/cuda_variants.cuh"
+#include "gpu_test_util.h"
+#include "ops.h"
+#include "rng.h"
+
+namespace {
+
+using gpu_test::Buffer;
+using gpu_test::rel_err;
+
+// ---------------------------------------------------------------- helpers
+float round_bf16(float x) {  // round to nearest even, as __float2bfloat16_rn
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    float y;
+    std::memcpy(&y, &u, 4);
+    return y;
+}
+
+// One CUDA backend per precision for the whole test binary.
+Ops& cuda_ops(DType dt) {
+    static std::unique_ptr<Ops> bf16_ops, f32_ops;
+    std::unique_ptr<Ops>& ops = dt == DType::BF16 ? bf16_ops : f32_ops;
+    if (!ops) ops = make_cuda_ops(dt);
+    return *ops;
+}
+
+// How a (B,H,T,d) tensor sits in its device buffer: contiguous, or as one of the three parts of
+// the fused (B,T,3,H,d) qkv buffer (part 0,1,2 = q,k,v) / the (B,T,H,d) attention output.
+struct Layout {
+    int B, H, T, d;
+    bool fused;
+    // element offset of (b,h,t,i) of part `part` (of `parts`: 3 for qkv, 1 for o)
+    size_t offset(int part, int parts, int b, int h, int t) const {
+        if (!fused) return (((size_t)part * B + b) * H + h) * (size_t)T * d + (size_t)t * d;
+        return (((size_t)b * T + t) * parts + part) * (size_t)H * d + (size_t)h * d;
+    }
+    HeadTensor view(const Tensor& buf, int part, int parts) const {
+        char* base = static_cast<char*>(buf.ptr) + offset(part, parts, 0, 0, 0) * dtype_size(buf.dtype);
+        if (!fused) return HeadTensor{base, buf.dtype, (int64_t)H * T * d, (int64_t)T * d, d};
+        return HeadTensor{base, buf.dtype, (int64_t)T * parts * H * d, d, (int64_t)parts * H * d};
+    }
+    // canonical (parts × B,H,T,d) host data <-> the buffer's host image
+    std::vector<float> scatter(const std::vector<float>& canon, int parts) const {
+        std::vector<float> img(canon.size());
+        for_each(parts, [&](size_t c, size_t o) { img[o] = canon[c]; });
+        return img;
+    }
+    std::vector<float> gather(const std::vector<float>& img, int parts) const {
+        std::vector<float> canon(img.size());
+        for_each(parts, [&](size_t c, size_t o) { canon[c] = img[o]; });
+        return canon;
+    }
+    template <typename Fn>
+    void for_each(int parts, Fn fn) const {
+        size_t c = 0;
+        for (int p = 0; p < parts; p++)
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    for (int t = 0; t < T; t++)
+                        for (int i = 0; i < d; i++, c++) fn(c, offset(p, parts, b, h, t) + i);
+    }
+};
+
+std::vector<float> slice(const std::vector<float>& v, size_t part, size_t n) {
+    return std::vector<float>(v.begin() + part * n, v.begin() + (part + 1) * n);
+}
+
+std::unique_ptr<Attention> make_gpu_attention(const AttnConfig& cfg) {
+    return cfg.name == "local" ? make_cuda_local_attention(cfg) : make_cuda_softmax_attention(cfg);
+}
+
+// Everything one run of forward + backward produces, in canonical (B,H,T,d) / (B,H,T) order.
+struct AttnResult {
+    std::vector<float> o, lse, dq, dk, dv;
+};
+
+struct FlashCase {
+    const char* variant;  // "softmax" or "local"
+    int window;           // local only
+    int B, H, T, d;
+    bool fused;       // q/k/v as views into (B,T,3,H,d) and o as (B,T,H,d)
+    float magnitude;  // inputs ~ N(0, magnitude²)
+    DType dtype;
+};
+
+std::string case_name(const FlashCase& c) {
+    char name[128];
+    std::snprintf(name, sizeof name, "%s%s_B%dH%dT%dd%d_%s_x%d_%s", c.variant,
+                  c.variant[0] == 'l' ? ("W" + std::to_string(c.window)).c_str() : "", c.B, c.H,
+                  c.T, c.d, c.fused ? "fused" : "contig", (int)c.magnitude, dtype_name(c.dtype));
+    return name;
+}
+
+// Fresh inputs of a case: canonical q,k,v (3 × B,H,T,d) and dout (B,H,T,d), bf16-rounded in bf16 mode.
+struct Inputs {
+    std::vector<float> qkv, dout;
+};
+Inputs make_inputs(const FlashCase& c, uint64_t seed) {
+    Rng rng(seed);
+    const size_t n = (size_t)c.B * c.H * c.T * c.d;
+    Inputs in{std::vector<float>(3 * n), std::vector<float>(n)};
+    auto fill = [&](std::vector<float>& v, float mag) {
+        for (float& x : v) {
+            x = rng.normal() * mag;
+            if (c.dtype == DType::BF16) x = round_bf16(x);
+        }
+    };
+    fill(in.qkv, c.magnitude);
+    fill(in.dout, 1.0f);
+    return in;
+}
+
+// Runs forward and backward (twice, checking the two backward passes are bitwise equal) on the GPU.
+AttnResult run_gpu(const FlashCase& c, const AttnConfig& cfg, const Inputs& in) {
+    Ops& ops = cuda_ops(c.dtype);
+    std::unique_ptr<Attention> attn = make_gpu_attention(cfg);
+    const AttnShape s{c.B, c.H, c.T, c.d};
+    const size_t n = s.rows() * c.d;
+    const Layout lay{c.B, c.H, c.T, c.d, c.fused};
+
+    Buffer qkv(ops, c.dtype, 3 * n, "test qkv"), dqkv(ops, c.dtype, 3 * n, "test dqkv");
+    Buffer o(ops, c.dtype, n, "test o"), dout(ops, c.dtype, n, "test dout");
+    Buffer lse(ops, DType::F32, attn->saved_size(s), "test lse");
+    Buffer work(ops, DType::F32, attn->workspace_bytes(s) / 4 + 1, "test workspace");
+    gpu_test::upload(ops, qkv.t(), lay.scatter(in.qkv, 3));
+    gpu_test::upload(ops, dout.t(), lay.scatter(in.dout, 1));
+    const Tensor qkv_t = qkv.t(), dqkv_t = dqkv.t();
+    const HeadTensor q = lay.view(qkv_t, 0, 3), k = lay.view(qkv_t, 1, 3), v = lay.view(qkv_t, 2, 3);
+    const HeadTensor dq = lay.view(dqkv_t, 0, 3), dk = lay.view(dqkv_t, 1, 3), dv = lay.view(dqkv_t, 2, 3);
+    const HeadTensor o_view = lay.view(o.t(), 0, 1), dout_view = lay.view(dout.t(), 0, 1);
+    auto download = [&](const Buffer& b) {
+        ops.synchronize();
+        return gpu_test::download(ops, b.t());
+    };
+
+    gpu_test::poison(ops, o.t());
+    gpu_test::poison(ops, lse.t());
+    attn->forward(s, AttnContext{}, o_view, q, k, v, lse.t().f32(), Tensor{}, work.t().ptr);
+    AttnResult r;
+    r.o = lay.gather(download(o), 1);
+    r.lse = download(lse);
+
+    std::vector<float> first;
+    for (int pass = 0; pass < 2; pass++) {
+        gpu_test::poison(ops, dqkv_t);
+        gpu_test::poison(ops, work.t());
+        attn->backward(s, AttnContext{}, dq, dk, dv, Tensor{}, dout_view, q, k, v, o_view,
+                       lse.t().f32(), Tensor{}, work.t().ptr);
+        std::vector<float> grads = download(dqkv);
+        if (pass == 0)
+            first = grads;
+        else
+            EXPECT_TRUE(gpu_test::bitwise_equal(first, grads)) << "backward is not bitwise deterministic";
+    }
+    const std::vector<float> grads = lay.gather(first, 3);
+    r.dq = slice(grads, 0, n);
+    r.dk = slice(grads, 1, n);
+    r.dv = slice(grads, 2, n);
+    return r;
+}
+
+// The CPU reference on the same inputs; the backward uses the GPU's output `gpu_o` (see top).
+AttnResult run_cpu(const FlashCase& c, const AttnConfig& cfg, const Inputs& in,
+                   const std::vector<float>& gpu_o) {
+    std::unique_ptr<Attention> attn = make_cpu_attention(cfg);
+    const AttnShape s{c.B, c.H, c.T, c.d};
+    const size_t n = s.rows() * c.d;
+    std::vector<float> qkv = in.qkv, dout = in.dout, o_gpu = gpu_o;
+    auto view = [&](float* p) { return head_tensor_bhtd(p, DType::F32, c.H, c.T, c.d); };
+    std::vector<char> work(attn->workspace_bytes(s) + 16);
+    AttnResult r;
+    r.o.resize(n);
+    r.lse.resize(attn->saved_size(s));
+    attn->forward(s, AttnContext{}, view(r.o.data()), view(qkv.data()), view(qkv.data() + n),
+                  view(qkv.data() + 2 * n), r.lse.data(), Tensor{}, work.data());
+    r.dq.resize(n);
+    r.dk.resize(n);
+    r.dv.resize(n);
+    attn->backward(s, AttnContext{}, view(r.dq.data()), view(r.dk.data()), view(r.dv.data()),
+                   Tensor{}, view(dout.data()), view(qkv.data()), view(qkv.data() + n),
+                   view(qkv.data() + 2 * n), view(o_gpu.data()), r.lse.data(), Tensor{}, work.data());
+    return r;
+}
+
+AttnConfig config_of(const FlashCase& c) {
+    AttnConfig cfg;
+    cfg.name = c.variant;
+    cfg.window = c.window;
+    return cfg;
+}
+
+// ---------------------------------------------------------------- GPU vs CPU reference
+class FlashAttentionVsCpu : public ::testing::TestWithParam<FlashCase> {};
+
+TEST_P(FlashAttentionVsCpu, ForwardLseAndGradients) {
+    const FlashCase& c = GetParam();
+    const AttnConfig cfg = config_of(c);
+    const Inputs in = make_inputs(c, gpu_test::fresh_seed());
+    const AttnResult gpu = run_gpu(c, cfg, in);
+    const AttnResult cpu = run_cpu(c, cfg, in, gpu.o);
+
+    // bf16: O, P and dS are rounded to bf16 (2^-9 relative) before the products that use them
+    const bool bf16 = c.dtype == DType::BF16;
+    const double tol = bf16 ? 2e-2 : 1e-4;
+    const double tol_lse = bf16 ? 1e-3 : 1e-5;  // the LSE is fp32 in both modes
+    EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
+    EXPECT_LE(rel_err(gpu.lse, cpu.lse), tol_lse) << "lse";
+    EXPECT_LE(rel_err(gpu.dq, cpu.dq), tol) << "dq";
+    EXPECT_LE(rel_err(gpu.dk, cpu.dk), tol) << "dk";
+    EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol) << "dv";
+}
+
+constexpr DType kBF = DType::BF16, kF32 = DType::F32;
+// Each T in {1, 17, 64, 127, 128, 1000, 2048} with both head dims; B, H, layout and magnitude
+// vary across the list so every value meets the others somewhere. B·H is kept small at large T
+// (the CPU reference is O(T²)).
+const FlashCase kSoftmaxCases[] = {
+    {"softmax", 0, 1, 1, 1, 64, false, 1, kBF},     {"softmax", 0, 2, 3, 1, 128, true, 8, kBF},
+    {"softmax", 0, 2, 3, 17, 64, true, 1, kBF},     {"softmax", 0, 1, 1, 17, 128, false, 8, kBF},
+    {"softmax", 0, 1, 3, 64, 64, false, 8, kBF},    {"softmax", 0, 2, 1, 64, 128, true, 1, kBF},
+    {"softmax", 0, 2, 1, 127, 64, false, 1, kBF},   {"softmax", 0, 1, 3, 127, 128, true, 8, kBF},
+    {"softmax", 0, 1, 1, 128, 64, true, 8, kBF},    {"softmax", 0, 2, 3, 128, 128, false, 1, kBF},
+    {"softmax", 0, 1, 3, 1000, 64, true, 1, kBF},   {"softmax", 0, 2, 1, 1000, 128, false, 8, kBF},
+    {"softmax", 0, 1, 1, 2048, 64, false, 8, kBF},  {"softmax", 0, 1, 1, 2048, 128, true, 1, kBF},
+    // fp32 path
+    {"softmax", 0, 1, 1, 1, 64, true, 1, kF32},     {"softmax", 0, 2, 3, 17, 128, false, 8, kF32},
+    {"softmax", 0, 1, 3, 127, 64, true, 1, kF32},   {"softmax", 0, 2, 1, 1000, 128, true, 8, kF32},
+};
+// W in {1, 16, 100, >= T}: W = 1 is attention to oneself only (o = v, dq = dk = 0: the error is
+// then absolute, so those cases use ×1 inputs), window edges inside and across tiles, and windows
+// that cover everything.
+const FlashCase kLocalCases[] = {
+    {"local", 1, 2, 3, 127, 64, true, 1, kBF},      {"local", 1, 1, 1, 1000, 128, false, 1, kBF},
+    {"local", 16, 1, 3, 17, 128, false, 1, kBF},    {"local", 16, 2, 1, 1000, 64, true, 8, kBF},
+    {"local", 16, 1, 1, 2048, 128, true, 1, kBF},   {"local", 100, 2, 3, 128, 64, false, 8, kBF},
+    {"local", 100, 1, 1, 2048, 128, true, 1, kBF},  {"local", 100, 1, 3, 1000, 64, false, 1, kBF},
+    {"local", 100, 2, 1, 64, 128, true, 8, kBF},    {"local", 64, 1, 3, 64, 64, true, 1, kBF},
+    {"local", 5000, 1, 1, 1000, 128, false, 8, kBF}, {"local", 16, 2, 1, 1, 64, false, 1, kBF},
+    // fp32 path
+    {"local", 1, 1, 3, 17, 64, false, 1, kF32},     {"local", 16, 1, 1, 1000, 64, true, 8, kF32},
+    {"local", 100, 2, 3, 128, 128, false, 1, kF32},
+};
+
+std::string param_name(const ::testing::TestParamInfo<FlashCase>& info) { return case_name(info.param); }
+
+INSTANTIATE_TEST_SUITE_P(Softmax, FlashAttentionVsCpu, ::testing::ValuesIn(kSoftmaxCases), param_name);
+INSTANTIATE_TEST_SUITE_P(Local, FlashAttentionVsCpu, ::testing::ValuesIn(kLocalCases), param_name);
+
+// ---------------------------------------------------------------- local with W >= T is softmax
+class FlashAttentionLocalWide : public ::testing::TestWithParam<FlashCase> {};
+
+TEST_P(FlashAttentionLocalWide, EqualsSoftmax) {
+    const FlashCase& c = GetParam();  // variant "local", window >= T
+    ASSERT_GE(c.window, c.T);
+    const Inputs in = make_inputs(c, gpu_test::fresh_seed());
+    const AttnResult local = run_gpu(c, config_of(c), in);
+    FlashCase sc = c;
+    sc.variant = "softmax";
+    const AttnResult softmax = run_gpu(sc, config_of(sc), in);
+    // the window kernel visits the same tiles in the same order: equal up to rounding at most
+    EXPECT_LE(rel_err(local.o, softmax.o), 1e-6);
+    EXPECT_LE(rel_err(local.lse, softmax.lse), 1e-6);
+    EXPECT_LE(rel_err(local.dq, softmax.dq), 1e-6);
+    EXPECT_LE(rel_err(local.dk, softmax.dk), 1e-6);
+    EXPECT_LE(rel_err(local.dv, softmax.dv), 1e-6);
+}
+
+const FlashCase kWideCases[] = {
+    {"local", 1000, 1, 3, 1000, 64, true, 1, kBF},
+    {"local", 1270, 2, 1, 127, 128, false, 8, kBF},
+    {"local", 300, 1, 1, 300, 64, false, 1, kF32},
+};
+INSTANTIATE_TEST_SUITE_P(Wide, FlashAttentionLocalWide, ::testing::ValuesIn(kWideCases), param_name);
+
+// ---------------------------------------------------------------- refused configurations
+TEST(FlashAttentionChecks, RefusesUnsupportedHeadDim) {
+    Ops& ops = cuda_ops(DType::BF16);
+    const AttnShape s{1, 1, 16, 96};
+    Buffer buf(ops, DType::BF16, 4 * s.rows() * s.d, "test buffer");
+    Buffer lse(ops, DType::F32, s.rows(), "test lse");
+    const HeadTensor t = head_tensor_bhtd(buf.t().ptr, DType::BF16, s.H, s.T, s.d);
+    std::unique_ptr<Attention> attn = make_cuda_softmax_attention(AttnConfig{});
+    EXPECT_THROW(attn->forward(s, AttnContext{}, t, t, t, t, lse.t().f32(), Tensor{}, nullptr),
+                 std::runtime_error);
+}
+
+TEST(FlashAttentionChecks, RefusesEmptyWindow) {
+    AttnConfig cfg;
+    cfg.name = "local";
+    cfg.window = 0;
+    EXPECT_THROW(make_cuda_local_attention(cfg), std::runtime_error);
+}
+
+}  // namespace
