@@ -44,6 +44,10 @@ double dot(const double* a, const double* b, int d) {
 
 const double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Heads run in parallel only when there is enough work: waking threads costs more than a tiny
+// call (the finite-difference tests make thousands of them).
+bool worth_threads(const HyperPlan& plan) { return (int64_t)plan.B * plan.H * plan.T * plan.d >= 65536; }
+
 }  // namespace
 
 template <typename T>
@@ -51,7 +55,7 @@ void hyper_forward(const HyperPlan& plan, HeadView<T> o, T* lse, HeadView<const 
                    HeadView<const T> v) {
     const int H = plan.H, n = plan.T, d = plan.d;
     const double scale = 1.0 / std::sqrt((double)d);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (worth_threads(plan))
     for (int bh = 0; bh < plan.B * H; bh++) {
         const int b = bh / H, h = bh % H;
         std::vector<double> qh = gather_head(q, b, h, n, d), kh = gather_head(k, b, h, n, d);  // (T, d)
@@ -105,7 +109,7 @@ void hyper_backward(const HyperPlan& plan, HeadView<T> dq, HeadView<T> dk, HeadV
                     HeadView<const T> o, const T* lse) {
     const int H = plan.H, n = plan.T, d = plan.d;
     const double scale = 1.0 / std::sqrt((double)d);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (worth_threads(plan))
     for (int bh = 0; bh < plan.B * H; bh++) {
         const int b = bh / H, h = bh % H;
         std::vector<double> qh = gather_head(q, b, h, n, d), kh = gather_head(k, b, h, n, d);  // (T, d)

@@ -8,6 +8,7 @@
 // check.h defines FAIL (throw Error); gtest must not define its own.
 #define GTEST_DONT_DEFINE_FAIL 1
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -377,6 +378,36 @@ TEST(PolySketchAttention, FloatClassOnFusedViewsMatchesDoubleCore) {
 
 TEST(PolySketchAttention, LargeInputsStayFiniteAndAccurate) {
     for (bool learned : {true, false}) check_class_against_core(learned, true, 8.0);
+}
+
+TEST(PolySketchAttention, BitwiseSameForAnyThreadCount) {
+    // large enough (B*H*T >= 512 rows) that the CPU code uses threads
+    const int B = 2, H = 4, T = 70, d = 8, r = 4;
+    std::unique_ptr<Attention> attn = make_cpu_polysketch_attention(polysketch_config(true, true, r, 16));
+    const size_t n = (size_t)B * H * T * d, P = attn->num_params(d);
+    std::vector<float> q(n), k(n), v(n), dout(n), params(P);
+    Rng rng(8);
+    for (std::vector<float>* x : {&q, &k, &v, &dout})
+        for (float& y : *x) y = rng.normal();
+    attn->init_params(params.data(), d, 9);
+    auto run = [&](int threads) {
+        const int old = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        std::vector<float> o(n), dq(n), dk(n), dv(n), dparams(P), saved(attn->saved_size(AttnShape{B, H, T, d}));
+        auto ht = [&](std::vector<float>& x) { return head_tensor_bhtd(x.data(), DType::F32, H, T, d); };
+        Tensor tp{params.data(), DType::F32, P}, tdp{dparams.data(), DType::F32, P};
+        AttnShape s{B, H, T, d};
+        attn->forward(s, AttnContext{}, ht(o), ht(q), ht(k), ht(v), saved.data(), tp, nullptr);
+        attn->backward(s, AttnContext{}, ht(dq), ht(dk), ht(dv), tdp, ht(dout), ht(q), ht(k), ht(v), ht(o),
+                       saved.data(), tp, nullptr);
+        omp_set_num_threads(old);
+        o.insert(o.end(), dq.begin(), dq.end());
+        o.insert(o.end(), dk.begin(), dk.end());
+        o.insert(o.end(), dv.begin(), dv.end());
+        o.insert(o.end(), dparams.begin(), dparams.end());
+        return o;
+    };
+    EXPECT_EQ(run(1), run(3));
 }
 
 // ---------------------------------------------------------------- parameters
