@@ -48,7 +48,7 @@ BACKEND_OBJ := $(BUILD)/obj/backend/cuda_stub.o
 BACKEND_LIBS :=
 endif
 
-PROGRAMS := $(BUILD)/train $(BUILD)/attn
+PROGRAMS := $(BUILD)/train $(if $(wildcard train/attn.cpp),$(BUILD)/attn)
 ifeq ($(HAVE_PCRE2),1)
 PROGRAMS += $(BUILD)/prepare
 endif

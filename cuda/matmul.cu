@@ -59,7 +59,7 @@ struct LtDescriptors {
     }
 };
 
-// Runs g through cuBLASLt; returns false (having done nothing) when no algorithm supports it.
+// Runs g through cuBLASLt; returns false (having launched nothing) when no algorithm supports it.
 bool gemm_lt(Blas& blas, const Gemm& g, cudaStream_t stream) {
     LtDescriptors d;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -87,12 +87,13 @@ bool gemm_lt(Blas& blas, const Gemm& g, cudaStream_t stream) {
     cublasLtMatmulHeuristicResult_t heuristic;
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(blas.lt, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &heuristic, &found);
-    if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0)) return false;
-    CUBLAS_CHECK(st);
+    // No algorithm (or a layout the heuristic rejects): nothing ran, cublasGemmEx takes over and
+    // reports the error itself if the problem is really invalid.
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0) return false;
     const float alpha = 1.0f;
     const cublasStatus_t run = cublasLtMatmul(blas.lt, d.op, &alpha, g.A, d.a, g.B, d.b, &g.beta, g.D, d.c, g.D, d.c,
                                               &heuristic.algo, blas.workspace, blas.workspace_bytes, stream);
-    if (run == CUBLAS_STATUS_NOT_SUPPORTED) return false;
+    if (run == CUBLAS_STATUS_NOT_SUPPORTED || run == CUBLAS_STATUS_INVALID_VALUE) return false;  // not launched
     CUBLAS_CHECK(run);
     return true;
 }

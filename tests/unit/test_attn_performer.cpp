@@ -277,7 +277,8 @@ TEST(PerformerAttention, ErrorVsSoftmaxFallsAsFeaturesGrow) {
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
     const int d = 16, T = 64;
-    Problem<double> p = random_problem(rng, 1, 2, T, d, 0.7);
+    // |q|, |k| moderate: larger logits give the estimator heavy tails and slow, noisy convergence
+    Problem<double> p = random_problem(rng, 1, 2, T, d, 0.4);
     // exact causal softmax, scale 1/sqrt(d)
     std::vector<double> exact(p.s.rows() * d);
     for (int h = 0; h < 2; h++)
@@ -299,19 +300,19 @@ TEST(PerformerAttention, ErrorVsSoftmaxFallsAsFeaturesGrow) {
     std::vector<double> err;
     for (int m : {16, 256, 1024}) {
         double total = 0;
-        for (uint64_t draw = 0; draw < 4; draw++) {
+        for (uint64_t draw = 0; draw < 8; draw++) {
             const std::vector<float> omega = performer_features(performer_config(m, seed + draw), 0, 0, d);
             const std::vector<double> o = forward(p, omega, m, kPerformerEpsilon);
             double se = 0;
             for (size_t i = 0; i < o.size(); i++) se += (o[i] - exact[i]) * (o[i] - exact[i]);
             total += std::sqrt(se / o.size());
         }
-        err.push_back(total / 4);
+        err.push_back(total / 8);
     }
-    EXPECT_GT(err[0], err[1]) << "m=16 " << err[0] << ", m=256 " << err[1];
-    EXPECT_GT(err[1], err[2]) << "m=256 " << err[1] << ", m=1024 " << err[2];
-    EXPECT_LT(err[2], 0.5 * err[0]);
-    EXPECT_LT(err[2], 0.1);  // rms error of o (|v| ~ 1) with 1024 features
+    // rms error ∝ 1/sqrt(m) would give 4× and 2×; ask for less (the estimator is noisy)
+    EXPECT_GT(err[0], 1.5 * err[1]) << "m=16 " << err[0] << ", m=256 " << err[1];
+    EXPECT_GT(err[1], 1.2 * err[2]) << "m=256 " << err[1] << ", m=1024 " << err[2];
+    EXPECT_LT(err[2], 0.03);  // rms error of o (|v| ~ 1) with 1024 features
 }
 
 // The fp32 Attention class (through the registry) against the fp64 templates with the same Ω.

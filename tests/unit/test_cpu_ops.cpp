@@ -86,7 +86,15 @@ void round_to_float(Vec& x) {
 
 // ================================================================ finite differences (double)
 
-TEST(CpuOpsGrad, Encoder) {
+// One thread: the checks run thousands of tiny forwards, where thread start-up would dominate.
+class CpuOpsGrad : public ::testing::Test {
+protected:
+    void SetUp() override { saved_threads_ = omp_get_max_threads(), omp_set_num_threads(1); }
+    void TearDown() override { omp_set_num_threads(saved_threads_); }
+    int saved_threads_ = 1;
+};
+
+TEST_F(CpuOpsGrad, Encoder) {
     Rng rng(11);
     const int B = 2, T = 5, C = 6, V = 7, maxT = 8;
     std::vector<int> tokens = {3, 1, 3, 0, 6, 1, 1, 5, 3, 2};  // repeats test the scatter-add
@@ -103,7 +111,7 @@ TEST(CpuOpsGrad, Encoder) {
     expect_close(sub(dwpe, dwpe0), fd_grad(wpe, loss), 1e-8, "dwpe");
 }
 
-TEST(CpuOpsGrad, LayerNorm) {
+TEST_F(CpuOpsGrad, LayerNorm) {
     Rng rng(12);
     const int N = 5, C = 13;
     Vec inp = randn((size_t)N * C, rng, 2.0), w = randn(C, rng), b = randn(C, rng), r = randn((size_t)N * C, rng);
@@ -149,14 +157,14 @@ void check_matmul_grad(int N, int IC, int OC, bool with_bias, uint64_t seed) {
     if (with_bias) expect_close(sub(db, db0), fd_grad(bias, loss), 1e-8, "dbias");
     else expect_close(db, db0, 0, "dbias untouched");
 }
-TEST(CpuOpsGrad, Matmul) {
+TEST_F(CpuOpsGrad, Matmul) {
     check_matmul_grad(5, 7, 3, true, 13);
     check_matmul_grad(9, 20, 40, true, 14);
     check_matmul_grad(11, 33, 18, false, 15);
 }
 
 // Larger shapes (several 64-blocks, K beyond one 256-chunk) against plain double loops.
-TEST(CpuOpsGrad, MatmulMatchesNaiveOnLargeShapes) {
+TEST_F(CpuOpsGrad, MatmulMatchesNaiveOnLargeShapes) {
     Rng rng(16);
     const int N = 300, IC = 270, OC = 131;
     Vec inp = randn((size_t)N * IC, rng), w = randn((size_t)OC * IC, rng), bias = randn(OC, rng);
@@ -182,7 +190,7 @@ TEST(CpuOpsGrad, MatmulMatchesNaiveOnLargeShapes) {
     expect_close(db, db_ref, 1e-12, "dbias");
 }
 
-TEST(CpuOpsGrad, Gelu) {
+TEST_F(CpuOpsGrad, Gelu) {
     Rng rng(17);
     const size_t n = 40;
     Vec inp = randn(n, rng, 2.5), r = randn(n, rng), out(n);
@@ -203,7 +211,7 @@ TEST(CpuOpsGrad, Gelu) {
     EXPECT_NEAR(y, 0.8411919906082768, 1e-12);
 }
 
-TEST(CpuOpsGrad, ResidualAndAddInplace) {
+TEST_F(CpuOpsGrad, ResidualAndAddInplace) {
     Rng rng(18);
     const size_t n = 23;
     Vec a = randn(n, rng), b = randn(n, rng), r = randn(n, rng), out(n);
@@ -218,7 +226,7 @@ TEST(CpuOpsGrad, ResidualAndAddInplace) {
     for (size_t i = 0; i < n; i++) EXPECT_EQ(acc[i], a[i] + b[i]);
 }
 
-TEST(CpuOpsGrad, CrossEntropyWithPadding) {
+TEST_F(CpuOpsGrad, CrossEntropyWithPadding) {
     Rng rng(19);
     const int N = 4, V = 10, Vp = 16;
     const double dloss = 0.37;
@@ -249,7 +257,7 @@ TEST(CpuOpsGrad, CrossEntropyWithPadding) {
         for (int c = V; c < Vp; c++) EXPECT_EQ(grad[n * Vp + c], 0.0) << "padding gradient";
 }
 
-TEST(CpuOpsGrad, RopeInverseIsBackward) {
+TEST_F(CpuOpsGrad, RopeInverseIsBackward) {
     Rng rng(20);
     const int B = 2, T = 5, H = 3, d = 8;
     const double theta = 10000.0;
