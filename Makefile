@@ -11,6 +11,7 @@ CXXFLAGS ?= -O2 -march=native -g
 CXXFLAGS += -std=c++17 -Wall -Wextra -Wno-unused-parameter -fopenmp -MMD -MP -I. -Isrc
 LDFLAGS  += -fopenmp -lpthread
 BUILD    := build
+JOBS     ?= $(shell nproc 2>/dev/null || echo 2)
 OUT      ?= out
 DATA     ?= $(HOME)/.cache/gpt-framework/brown
 RUN      ?= $(OUT)
@@ -113,9 +114,11 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(BUILD)/libcore.a $(BACKEND_OBJ)
 
 # ---- top-level commands
 # test: the CPU suite; the GPU suite is compiled too (not run) so a CUDA build break shows in CI.
+TOKENIZER ?= $(HOME)/.cache/gpt-framework/gpt2-tokenizer
 test: deps
-	@$(MAKE) --no-print-directory $(BUILD)/test_unit $(PROGRAMS) $(if $(HAVE_NVCC),$(BUILD)/test_gpu)
-	./tests/run_unit.sh $(BUILD)/test_unit
+	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/test_unit $(PROGRAMS) $(if $(HAVE_NVCC),$(BUILD)/test_gpu)
+	./data/fetch_tokenizer.sh $(TOKENIZER)
+	TOKENIZER_DIR=$(TOKENIZER) ./tests/run_unit.sh $(BUILD)/test_unit
 
 test-gpu: $(BUILD)/test_gpu
 	$(BUILD)/test_gpu
@@ -125,7 +128,7 @@ data: deps
 	./data/fetch_corpus.sh $(DATA)
 
 train: data
-	@$(MAKE) --no-print-directory $(BUILD)/train
+	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/train
 	$(BUILD)/train --data $(DATA) --out $(OUT) $(ARGS)
 
 plot:

@@ -156,7 +156,7 @@ public:
         with_type(out.dtype, [&](auto tag) {
             using A = decltype(tag);
             gpu::encoder_forward(data<A>(out, N * C, "encoder out"), tokens, data<A>(wte, C, "wte"),
-                                 data<A>(wpe, (size_t)T * C, "wpe"), B, T, C, stream_);
+                                 wpe.n ? data<A>(wpe, (size_t)T * C, "wpe") : nullptr, B, T, C, stream_);
         });
     }
     void encoder_backward(Tensor dwte, Tensor dwpe, Tensor dout, const int* tokens, const int* tokens_host,
@@ -166,7 +166,7 @@ public:
         const int vocab = C > 0 ? (int)(dwte.n / C) : 0;
         with_type(dout.dtype, [&](auto tag) {
             using A = decltype(tag);
-            gpu::encoder_backward(f32(dwte, 0, "dwte"), f32(dwpe, (size_t)T * C, "dwpe"),
+            gpu::encoder_backward(f32(dwte, 0, "dwte"), dwpe.n ? f32(dwpe, (size_t)T * C, "dwpe") : nullptr,
                                   data<A>(dout, N * C, "encoder dout"), tokens_host, B, T, C, vocab,
                                   bucket_scratch_, stream_);
         });

@@ -9,7 +9,7 @@
 namespace gpu {
 namespace {
 
-// out (B,T,C) = wte[tokens[row]] + wpe[row % T]
+// out (B,T,C) = wte[tokens[row]] + wpe[row % T] (wpe null: RoPE model, no position table)
 template <typename T>
 __global__ void encoder_forward_kernel(T* out, const int* tokens, const T* wte, const T* wpe,
                                        int T_, int C, size_t total) {
@@ -18,7 +18,7 @@ __global__ void encoder_forward_kernel(T* out, const int* tokens, const T* wte, 
         const size_t row = idx / C;
         const int c = (int)(idx % C);
         const int t = (int)(row % T_);
-        const float v = to_f32(wte[(size_t)tokens[row] * C + c]) + to_f32(wpe[(size_t)t * C + c]);
+        const float v = to_f32(wte[(size_t)tokens[row] * C + c]) + (wpe ? to_f32(wpe[(size_t)t * C + c]) : 0.0f);
         out[idx] = from_f32<T>(v);
     }
 }
@@ -100,8 +100,10 @@ void encoder_backward(float* dwte, float* dwpe, const T* dout, const int* tokens
     encoder_backward_wte_kernel<<<grid, threads, 0, stream>>>(dwte, dout, dev, dev + num_buckets,
                                                               dev + 2 * num_buckets + 1, C);
     CUDA_LAUNCH_CHECK();
-    encoder_backward_wpe_kernel<<<ceil_div((long long)T_ * C, threads), threads, 0, stream>>>(dwpe, dout, B, T_, C);
-    CUDA_LAUNCH_CHECK();
+    if (dwpe) {
+        encoder_backward_wpe_kernel<<<ceil_div((long long)T_ * C, threads), threads, 0, stream>>>(dwpe, dout, B, T_, C);
+        CUDA_LAUNCH_CHECK();
+    }
 }
 
 template void encoder_forward<float>(float*, const int*, const float*, const float*, int, int, int, cudaStream_t);

@@ -15,19 +15,21 @@
 namespace cpu {
 
 // ---------------------------------------------------------------- encoder
-// out (B,T,C) = wte (Vp,C)[tokens (B,T)] + wpe (maxT,C)[t]
+// out (B,T,C) = wte (Vp,C)[tokens (B,T)] + wpe (maxT,C)[t]; wpe is null for RoPE models
 template <typename T>
 void encoder_forward(T* out, const int* tokens, const T* wte, const T* wpe, int B, int T_, int C) {
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < (int64_t)B * T_; row++) {
         const T* we = wte + (int64_t)tokens[row] * C;
-        const T* pe = wpe + (row % T_) * C;
         T* o = out + row * C;
+        if (!wpe) { for (int c = 0; c < C; c++) o[c] = we[c]; continue; }
+        const T* pe = wpe + (row % T_) * C;
         for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
     }
 }
 
-// dwte (Vp,C) += scatter of dout (B,T,C) by token; dwpe (maxT,C) += dout summed over batches.
+// dwte (Vp,C) += scatter of dout (B,T,C) by token; dwpe (maxT,C) += dout summed over batches
+// (dwpe null: no position table).
 // Threads own channel slices and walk the rows in order, so repeated tokens add in a fixed order.
 template <typename T>
 void encoder_backward(T* dwte, T* dwpe, const T* dout, const int* tokens, int B, int T_, int C) {
@@ -38,8 +40,10 @@ void encoder_backward(T* dwte, T* dwpe, const T* dout, const int* tokens, int B,
         for (int64_t row = 0; row < (int64_t)B * T_; row++) {
             const T* d = dout + row * C;
             T* we = dwte + (int64_t)tokens[row] * C;
+            for (int c = c0; c < c1; c++) we[c] += d[c];
+            if (!dwpe) continue;
             T* pe = dwpe + (row % T_) * C;
-            for (int c = c0; c < c1; c++) { we[c] += d[c]; pe[c] += d[c]; }
+            for (int c = c0; c < c1; c++) pe[c] += d[c];
         }
     }
 }

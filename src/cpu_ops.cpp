@@ -59,7 +59,7 @@ void CpuOps::encoder_forward(Tensor out, const int* tokens, Tensor wte, Tensor w
         CHECK(tokens[i] >= 0 && (size_t)tokens[i] < vocab, "token id %d at position %zu is outside the vocabulary [0, %zu)",
               tokens[i], i, vocab);
     cpu::encoder_forward(f32(out, N * C, "encoder out"), tokens, f32(wte, 0, "wte"),
-                         f32(wpe, (size_t)T * C, "wpe"), B, T, C);
+                         wpe.n ? f32(wpe, (size_t)T * C, "wpe") : nullptr, B, T, C);
 }
 void CpuOps::encoder_backward(Tensor dwte, Tensor dwpe, Tensor dout, const int* tokens,
                               const int* tokens_host, int B, int T, int C) {
@@ -68,7 +68,7 @@ void CpuOps::encoder_backward(Tensor dwte, Tensor dwpe, Tensor dout, const int* 
     for (size_t i = 0; i < N; i++)
         CHECK(tokens[i] >= 0 && (size_t)tokens[i] < vocab, "token id %d at position %zu is outside the vocabulary [0, %zu)",
               tokens[i], i, vocab);
-    cpu::encoder_backward(f32(dwte, 0, "dwte"), f32(dwpe, (size_t)T * C, "dwpe"),
+    cpu::encoder_backward(f32(dwte, 0, "dwte"), dwpe.n ? f32(dwpe, (size_t)T * C, "dwpe") : nullptr,
                           f32(dout, N * C, "encoder dout"), tokens, B, T, C);
 }
 void CpuOps::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor w, Tensor b,

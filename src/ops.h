@@ -56,7 +56,8 @@ public:
     virtual void synchronize() {}
 
     // ---- the network's ops (N = B*T rows)
-    // out (B,T,C) = wte[tokens] + wpe[t]; tokens (B,T) in backend memory
+    // out (B,T,C) = wte[tokens] + wpe[t]; tokens (B,T) in backend memory. wpe (and dwpe) have
+    // n = 0 for RoPE models: no position is added.
     virtual void encoder_forward(Tensor out, const int* tokens, Tensor wte, Tensor wpe,
                                  int B, int T, int C) = 0;
     // dwte (Vp,C) +=, dwpe (maxT,C) +=; tokens_host is the same (B,T) batch on the host

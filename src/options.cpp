@@ -22,6 +22,7 @@ void add_attention_options(CLI::App& app, TrainOptions& o) {
 }
 
 void add_train_options(CLI::App& app, TrainOptions& o) {
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a repeated option: the last wins
     add_attention_options(app, o);
     app.add_option("--model", o.model, "preset (tiny, mini, d6, d12, d24, d36, d48) or llm.c model file; default tiny on CPU, d6 on CUDA");
     app.add_option("--layers", o.layers, "override the preset's number of layers");

@@ -164,6 +164,7 @@ TrainOptions merge_resume_options(const CLI::App& app, const TrainOptions& cli, 
     }
     TrainOptions merged = sj.get<TrainOptions>();
     merged.resume = true;
+    merged.stop_at = cli.stop_at;  // an interruption point belongs to one invocation, never to the run
     return merged;
 }
 

@@ -44,11 +44,11 @@ Result run_train(const std::string& args, const std::string& dir) {
     return r;
 }
 
-// Random token shards: train (2 shards) and val.
+// Random token shards: train (2 shards) and val, drawn from 100 ids so a model learns quickly.
 std::string make_data(const std::string& root, std::mt19937& gen) {
     std::string data = root + "/data";
     ensure_writable_dir(data, "test data");
-    std::uniform_int_distribution<int> tok(0, 50256);
+    std::uniform_int_distribution<int> tok(0, 99);
     for (const char* name : {"train_000000.bin", "train_000001.bin", "val_000000.bin"}) {
         std::vector<uint16_t> t(3000 + gen() % 500);
         for (auto& x : t) x = (uint16_t)tok(gen);
@@ -58,7 +58,7 @@ std::string make_data(const std::string& root, std::mt19937& gen) {
 }
 
 const char* kSmall = "--device cpu --model tiny --layers 1 --channels 32 --heads 2 --batch 2 --seq 16 "
-                     "--total-batch 64 --sample-every 0 --eval-every 5 --eval-batches 2 --ckpt-every 5 --keep 2";
+                     "--total-batch 64 --lr 1e-2 --sample-every 0 --eval-every 5 --eval-batches 2 --ckpt-every 5 --keep 2";
 
 // step -> loss text, as logged
 std::map<int, std::string> losses(const std::string& log) {
@@ -100,8 +100,8 @@ TEST(TrainProgram, ResumeIsBitExact) {
     EXPECT_TRUE(read_file(checkpoint_dir(root + "/a", 20) + "/optim.bin", "optim") ==
                 read_file(checkpoint_dir(root + "/b", 20) + "/optim.bin", "optim"));
     EXPECT_EQ(list_complete_checkpoints(root + "/b").size(), 2u) << "--keep 2";
-    // the loss fell from ln(vocab) (random data still allows learning the unigram frequencies)
-    EXPECT_LT(std::stod(la[20]), std::stod(la[1]));
+    // the loss fell from ln(50257) towards ln(100)
+    EXPECT_LT(std::stod(la[20]), std::stod(la[1]) - 0.5);
     std::system(("rm -rf " + root).c_str());
 }
 
@@ -120,7 +120,7 @@ TEST(TrainProgram, BadInputsFailWithOneClearLine) {
         EXPECT_LE(lines, 2u) << r.err;
     };
     expect_error(base + " --bogus 3", "bogus");
-    expect_error(base + " --seq 300", "context");
+    expect_error(base + " --seq 300 --total-batch 600", "context");
     expect_error(base + " --total-batch 100", "multiple");
     expect_error(base + " --attention nope", "nope");
     expect_error(base + " --model nosuchmodel", "nosuchmodel");
