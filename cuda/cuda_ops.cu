@@ -149,6 +149,11 @@ public:
             gpu::convert(static_cast<bf16*>(dst.ptr), src.f32(), src.n, stream_);
     }
     void synchronize() override { CUDA_CHECK(cudaDeviceSynchronize()); }
+    size_t device_memory_used() override {
+        size_t free_bytes = 0, total_bytes = 0;
+        CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+        return total_bytes - free_bytes;
+    }
 
     // ---- the network's ops
     void encoder_forward(Tensor out, const int* tokens, Tensor wte, Tensor wpe, int B, int T, int C) override {

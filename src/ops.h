@@ -54,6 +54,9 @@ public:
     virtual void zero(Tensor t) = 0;
     virtual void copy(Tensor dst, Tensor src) = 0;               // same n, converting dtype
     virtual void synchronize() {}
+    // Device memory in use now (whole process, including library workspaces), for the log; 0 on
+    // the CPU.
+    virtual size_t device_memory_used() { return 0; }
 
     // ---- the network's ops (N = B*T rows)
     // out (B,T,C) = wte[tokens] + wpe[t]; tokens (B,T) in backend memory. wpe (and dwpe) have

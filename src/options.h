@@ -36,9 +36,9 @@ struct TrainOptions {
     std::string data = "";            // folder with train_*.bin, val_*.bin and tokenizer/
     // ---- batch and schedule
     int batch = 0;                    // micro-batch B (0 = 8 on CPU, 16 on CUDA)
-    int seq = 0;                      // T (0 = 128 on CPU, 512 on CUDA, capped at the context)
+    int seq = 0;                      // T (0 = 64 on CPU, 512 on CUDA)
     long total_batch = 0;             // tokens per optimizer step (0 = batch*seq)
-    int steps = 0;                    // optimizer steps (0 = 300 on CPU, 1000 on CUDA)
+    int steps = 0;                    // optimizer steps (0 = 200 on CPU, 400 on CUDA)
     int stop_at = 0;                  // stop after this step as if interrupted (0 = run to --steps)
     float lr = 1e-3f;
     int warmup = 0;                   // warmup steps (0 = steps/20)

@@ -47,8 +47,8 @@ std::string default_data_dir() {
 void resolve_defaults(TrainOptions& o, bool cuda) {
     if (o.model.empty()) o.model = cuda ? "d6" : "tiny";
     if (o.batch == 0) o.batch = cuda ? 16 : 8;
-    if (o.seq == 0) o.seq = cuda ? 512 : 128;
-    if (o.steps == 0) o.steps = cuda ? 1000 : 300;
+    if (o.seq == 0) o.seq = cuda ? 512 : 64;
+    if (o.steps == 0) o.steps = cuda ? 400 : 200;
     if (o.total_batch == 0) o.total_batch = (long)o.batch * o.seq;
     if (o.warmup == 0) o.warmup = std::max(1, o.steps / 20);
     if (o.data.empty()) o.data = default_data_dir();
@@ -319,6 +319,7 @@ int run(int argc, char** argv) {
             status.print(strformat("step %d sample: %s", done, generate(model, sample_rng, tokenizer.get(), opt.sample_tokens).c_str()));
         if ((opt.ckpt_every > 0 && done % opt.ckpt_every == 0) || done == stop) checkpoint(done);
     }
+    if (size_t used = ops->device_memory_used()) std::printf("peak device memory %.2f GiB (in use at the end, CUDA context included)\n", used / 1073741824.0);
     if (start_step >= stop) std::printf("nothing to do: the checkpoint is at step %d, --steps is %d\n", start_step, opt.steps);
     std::printf("done: %ld tokens in %s\n", tokens_done, format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count()).c_str());
     return 0;
