@@ -54,27 +54,35 @@ ifeq ($(HAVE_PCRE2),1)
 PROGRAMS += $(BUILD)/prepare
 endif
 
-.PHONY: all deps test test-gpu train data plot clean bench
+.PHONY: all deps deps-build deps-data test test-gpu train data plot clean bench
 all: $(PROGRAMS)
 	@test "$(HAVE_PCRE2)" = 1 || echo "skipped build/prepare: PCRE2 headers missing (apt-get install libpcre2-dev, or run 'make deps' as root)"
 	@test "$(HAVE_NVCC)" = 1 || echo "built without CUDA: nvcc not found (install the CUDA toolkit; --device cuda will say so)"
 
-# ---- Debian packages (installed when root, else the exact command is printed)
-DEB_PKGS := libgtest-dev libpcre2-dev nlohmann-json3-dev libcli11-dev
-deps:
+# ---- Debian packages: installed when we are root and a package registry answers; otherwise the
+# exact command is printed. Only what the asked-for target needs is required (a GPU machine
+# without PCRE2 still builds and trains on a prepared corpus).
+define ensure_packages
 	@missing=""; \
-	test -d /usr/include/gtest || missing="$$missing libgtest-dev"; \
-	test -f /usr/include/pcre2.h || missing="$$missing libpcre2-dev"; \
-	test -d /usr/include/nlohmann || missing="$$missing nlohmann-json3-dev"; \
-	test -d /usr/include/CLI || missing="$$missing libcli11-dev"; \
-	command -v gnuplot >/dev/null || missing="$$missing gnuplot-nox"; \
+	for pair in $(1); do hdr=$${pair%%:*}; pkg=$${pair##*:}; \
+	  [ -e "$$hdr" ] || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing:$$missing"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null || \
-	      { echo "error: apt-get install$$missing failed; run it by hand"; exit 1; }; \
+	    (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq $$missing) >/dev/null 2>&1 || \
+	      { echo "error: could not install$$missing; run: sudo apt-get install -y$$missing"; exit 1; }; \
 	  else echo "error: missing packages; run: sudo apt-get install -y$$missing"; exit 1; fi; \
 	fi
+endef
+PKG_BUILD := /usr/include/nlohmann:nlohmann-json3-dev /usr/include/CLI:libcli11-dev
+PKG_TEST  := /usr/include/gtest:libgtest-dev /usr/include/pcre2.h:libpcre2-dev
+PKG_DATA  := /usr/include/pcre2.h:libpcre2-dev
+deps:
+	$(call ensure_packages,$(PKG_BUILD) $(PKG_TEST))
+deps-build:
+	$(call ensure_packages,$(PKG_BUILD))
+deps-data:
+	$(call ensure_packages,$(PKG_BUILD) $(PKG_DATA))
 
 # ---- objects
 $(BUILD)/obj/%.o: %.cpp
@@ -123,15 +131,18 @@ test: deps
 test-gpu: $(BUILD)/test_gpu
 	$(BUILD)/test_gpu
 
-data: deps
-	@$(MAKE) --no-print-directory $(BUILD)/prepare
-	./data/fetch_corpus.sh $(DATA)
+# the corpus is fetched and tokenized once; a prepared folder (DONE marker) is reused as is
+data:
+	@if [ -f "$(DATA)/DONE" ]; then echo "data: using $(DATA)"; else \
+	  $(MAKE) --no-print-directory deps-data && $(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/prepare && \
+	  ./data/fetch_corpus.sh $(DATA); fi
 
-train: data
+train: data deps-build
 	@$(MAKE) --no-print-directory -j$(JOBS) $(BUILD)/train
 	$(BUILD)/train --data $(DATA) --out $(OUT) $(ARGS)
 
 plot:
+	$(call ensure_packages,/usr/bin/gnuplot:gnuplot-nox)
 	./train/plot.sh $(RUN)/log.jsonl $(RUN)/curves.png
 
 bench: all

@@ -316,7 +316,7 @@ int run(int argc, char** argv) {
         const int done = step + 1;
         if (opt.eval_every > 0 && (done % opt.eval_every == 0 || done == opt.steps)) evaluate(done);
         if (opt.sample_every > 0 && (done % opt.sample_every == 0 || done == opt.steps))
-            status.print(strformat("step %d sample: %s", done, generate(model, sample_rng, tokenizer.get(), opt.sample_tokens).c_str()));
+            status.print(strformat("---- sample at step %d ----\n%s\n----", done, generate(model, sample_rng, tokenizer.get(), opt.sample_tokens).c_str()));
         if ((opt.ckpt_every > 0 && done % opt.ckpt_every == 0) || done == stop) checkpoint(done);
     }
     if (size_t used = ops->device_memory_used()) std::printf("peak device memory %.2f GiB (in use at the end, CUDA context included)\n", used / 1073741824.0);
