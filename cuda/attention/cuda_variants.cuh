@@ -5,3 +5,7 @@
 
 std::unique_ptr<Attention> make_cuda_softmax_attention(const AttnConfig& cfg);
 std::unique_ptr<Attention> make_cuda_local_attention(const AttnConfig& cfg);
+std::unique_ptr<Attention> make_cuda_performer_attention(const AttnConfig& cfg);
+std::unique_ptr<Attention> make_cuda_polynomial_attention(const AttnConfig& cfg);
+std::unique_ptr<Attention> make_cuda_polysketch_attention(const AttnConfig& cfg);
+std::unique_ptr<Attention> make_cuda_hyper_attention(const AttnConfig& cfg);

@@ -23,17 +23,31 @@ struct FlashTraits {
     static constexpr int D = kHeadDim;
     static constexpr int kWarps = 4;
     static constexpr int kThreads = 32 * kWarps;
-    // forward and dQ kernels: query tile (16 rows per warp) x key tile
-    static constexpr int kBrQ = 16 * kWarps;
-    static constexpr int kBcQ = 64;
-    // dK/dV kernel: key tile (16 keys per warp) x inner query tile. The warp keeps dK and dV
-    // (2 x 16 x D fp32) in registers, so at D = 128 the inner tile is halved to avoid spills.
-    static constexpr int kBcKV = 16 * kWarps;
-    static constexpr int kBrKV = D == 64 ? 64 : 32;
+    // Every warp owns kM consecutive m16 row tiles (16·kM rows) of the block's row tile, so one
+    // B fragment read from shared memory feeds 2·kM mma instead of 2: with kM = 2 the
+    // shared-memory traffic per mma drops from 256 B to 128 B (B operands) and the kernels are
+    // no longer bound by ldmatrix bandwidth. Accumulators then cost kM·D/2 registers per thread.
+    // forward: query tile (16·kFwdM rows per warp) x key tile; Q stays in registers at d = 64
+    // (at d = 128 its fragments are re-read from shared memory per key tile: no room).
+    static constexpr int kFwdM = 2;
+    static constexpr int kBrF = 16 * kWarps * kFwdM;
+    static constexpr int kBcF = 64;
+    static constexpr bool kFwdQInRegs = D == 64;
+    // dQ kernel: query tile (16·kDqM rows per warp) x key tile; S and dP tiles and dQ live in
+    // registers, so the key tile is halved at d = 128.
+    static constexpr int kDqM = 2;
+    static constexpr int kBrQ = 16 * kWarps * kDqM;
+    static constexpr int kBcQ = D == 64 ? 64 : 32;
+    // dK/dV kernel: key tile (16·kKvM keys per warp) x inner query tile. The warp keeps dK and dV
+    // (2 x 16·kKvM x D fp32) in registers: 32 keys per warp fit at d = 64 only (with a 32-query
+    // inner tile); d = 128 keeps 16 keys per warp and a 64-query inner tile.
+    static constexpr int kKvM = D == 64 ? 2 : 1;
+    static constexpr int kBcKV = 16 * kWarps * kKvM;
+    static constexpr int kBrKV = D == 64 ? 32 : 64;
 
     // dynamic shared memory (bytes) of each kernel; K/V (or Q/dO) tiles are double-buffered
-    static constexpr int kFwdSmem = (kBrQ * D + 2 * 2 * kBcQ * D) * 2;
-    static constexpr int kDqSmem = (2 * kBrQ * D + 2 * 2 * kBcQ * D) * 2;
+    static constexpr int kFwdSmem = (kBrF * D + 2 * 2 * kBcF * D) * 2;
+    static constexpr int kDqSmem = (2 * kBrQ * D + 2 * 2 * kBcQ * D) * 2 + 2 * kBrQ * 4;
     static constexpr int kDkvSmem = (2 * kBcKV * D + 2 * 2 * kBrKV * D) * 2 + 2 * 2 * kBrKV * 4;
 };
 
@@ -104,28 +118,33 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 // A operand: rows r0..r0+15, columns k0..k0+15 of a row-major tile.
+// All fragment corners (r0, n0, k0) are multiples of 16, so row & 7 == lane & 7 and the swizzled
+// element offset splits into a per-lane part XOR a per-call constant: swizzled(r0 + rl, k0/8 + cl)
+// = r0·D + ((rl·D + ((cl ^ (lane & 7)) << 3)) ^ k0). The per-lane part is cheap to recompute, so
+// the compiler need not keep one address register per unrolled load.
 template <int D>
 __device__ __forceinline__ void load_frag_a(uint32_t (&a)[4], const bf16* tile, int r0, int k0,
                                             int lane) {
-    const int row = r0 + (lane & 15), chunk = (k0 >> 3) + (lane >> 4);
-    ldmatrix_x4(a, tile + swizzled<D>(row, chunk));
+    const int lane_off = (lane & 15) * D + (((lane >> 4) ^ (lane & 7)) << 3);
+    ldmatrix_x4(a, tile + r0 * D + (lane_off ^ k0));
 }
 // B operands of two n8 tiles (n0.., n0+8..) for the k16 slice k0, where B[k][n] = tile[n][k]
 // (the tile's rows are the n index: K in Q·Kᵀ). b[0], b[1]: tile n0; b[2], b[3]: tile n0+8.
 template <int D>
 __device__ __forceinline__ void load_frag_b_nk(uint32_t (&b)[4], const bf16* tile, int n0, int k0,
                                                int lane) {
-    const int row = n0 + (lane & 7) + ((lane >> 4) << 3), chunk = (k0 >> 3) + ((lane >> 3) & 1);
-    ldmatrix_x4(b, tile + swizzled<D>(row, chunk));
+    const int lane_off =
+        ((lane & 7) + ((lane >> 4) << 3)) * D + ((((lane >> 3) & 1) ^ (lane & 7)) << 3);
+    ldmatrix_x4(b, tile + n0 * D + (lane_off ^ k0));
 }
 // Same, where B[k][n] = tile[k][n] (the tile's rows are the k index: V in P·V), via .trans.
 template <int D>
 __device__ __forceinline__ void load_frag_b_kn(uint32_t (&b)[4], const bf16* tile, int k0, int n0,
                                                int lane) {
-    const int row = k0 + (lane & 7) + (((lane >> 3) & 1) << 3), chunk = (n0 >> 3) + (lane >> 4);
-    ldmatrix_x4_trans(b, tile + swizzled<D>(row, chunk));
+    const int lane_off =
+        ((lane & 7) + (((lane >> 3) & 1) << 3)) * D + (((lane >> 4) ^ (lane & 7)) << 3);
+    ldmatrix_x4_trans(b, tile + k0 * D + (lane_off ^ n0));
 }
-
 // acc (16 x N) += A[r0 : r0+16, 0:D] · Bt[0:N, 0:D]ᵀ   (both row-major tiles with D columns)
 template <int D, int N>
 __device__ __forceinline__ void warp_gemm_abt(float (&acc)[N / 8][4], const bf16* tile_a, int r0,
@@ -174,6 +193,77 @@ __device__ __forceinline__ void warp_gemm_pv(float (&acc)[D / 8][4], const float
             load_frag_b_kn<D>(b, tile, kk * 16, dn * 16, lane);
             mma_bf16(acc[2 * dn], a, b[0], b[1]);
             mma_bf16(acc[2 * dn + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- kM row tiles per warp
+// The same products for a warp that owns kM m16 row tiles (rows r0 + 16m .. r0 + 16m + 15,
+// m < kM): every B fragment is loaded once and used for all kM row tiles.
+
+// acc[m] (16 x N) += A[r0+16m : r0+16m+16, 0:D] · Bt[0:N, 0:D]ᵀ   (A and Bt in shared memory)
+template <int D, int N, int kM>
+__device__ __forceinline__ void warp_gemm_abt_m(float (&acc)[kM][N / 8][4], const bf16* tile_a,
+                                                int r0, const bf16* tile_bt, int lane) {
+#pragma unroll 1
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[kM][4];
+#pragma unroll
+        for (int m = 0; m < kM; ++m) load_frag_a<D>(a[m], tile_a, r0 + 16 * m, kk * 16, lane);
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            uint32_t b[4];
+            load_frag_b_nk<D>(b, tile_bt, nn * 16, kk * 16, lane);
+#pragma unroll
+            for (int m = 0; m < kM; ++m) {
+                mma_bf16(acc[m][2 * nn], a[m], b[0], b[1]);
+                mma_bf16(acc[m][2 * nn + 1], a[m], b[2], b[3]);
+            }
+        }
+    }
+}
+// Same with the A fragments already in registers (a[m][kk]: row tile m, k16 slice kk).
+template <int D, int N, int kM>
+__device__ __forceinline__ void warp_gemm_abt_regs_m(float (&acc)[kM][N / 8][4],
+                                                     const uint32_t (&a)[kM][D / 16][4],
+                                                     const bf16* tile_bt, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) {
+            uint32_t b[4];
+            load_frag_b_nk<D>(b, tile_bt, nn * 16, kk * 16, lane);
+#pragma unroll
+            for (int m = 0; m < kM; ++m) {
+                mma_bf16(acc[m][2 * nn], a[m][kk], b[0], b[1]);
+                mma_bf16(acc[m][2 * nn + 1], a[m][kk], b[2], b[3]);
+            }
+        }
+}
+// acc[m] (16 x D) += P[m] (16 x K, accumulator layout, rounded to bf16) · tile[0:K, 0:D]
+template <int D, int K, int kM>
+__device__ __forceinline__ void warp_gemm_pv_m(float (&acc)[kM][D / 8][4],
+                                               const float (&p)[kM][K / 8][4], const bf16* tile,
+                                               int lane) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t a[kM][4];
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+            a[m][0] = pack_bf16(p[m][2 * kk][0], p[m][2 * kk][1]);
+            a[m][1] = pack_bf16(p[m][2 * kk][2], p[m][2 * kk][3]);
+            a[m][2] = pack_bf16(p[m][2 * kk + 1][0], p[m][2 * kk + 1][1]);
+            a[m][3] = pack_bf16(p[m][2 * kk + 1][2], p[m][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            uint32_t b[4];
+            load_frag_b_kn<D>(b, tile, kk * 16, dn * 16, lane);
+#pragma unroll
+            for (int m = 0; m < kM; ++m) {
+                mma_bf16(acc[m][2 * dn], a[m], b[0], b[1]);
+                mma_bf16(acc[m][2 * dn + 1], a[m], b[2], b[3]);
+            }
         }
     }
 }

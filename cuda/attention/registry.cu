@@ -12,6 +12,10 @@ struct Entry { const char* name; Factory make; };
 const Entry kCudaVariants[] = {
     {"softmax", make_cuda_softmax_attention},
     {"local", make_cuda_local_attention},
+    {"performer", make_cuda_performer_attention},
+    {"polynomial", make_cuda_polynomial_attention},
+    {"polysketch", make_cuda_polysketch_attention},
+    {"hyper", make_cuda_hyper_attention},
 };
 }  // namespace
 
