@@ -8,8 +8,15 @@
 // dparams starts from random values to check "+="; the backward runs twice (dparams reset in
 // between) and must be bitwise equal. The CPU backward is given the GPU's o. Also: with
 // exact_diag and one block covering T, polysketch equals `polynomial`.
+// Error measure: ‖gpu − cpu‖ / ‖cpu‖ in double; for dq and dk with an rms floor of 1e-2 on the
+// denominator (typical dq, dk rms 0.05..1): when one row's own weight w dominates (T = 1 with the
+// sketched diagonal: w = ⟨A, B⟩² ~ 1e4..1e7 for the unnormalised random sketch), o = w v / (1 + w)
+// rounds to v exactly in bf16, so g·C = dO·(v − o) / (1 + w) cancels to rounding noise: the fp64
+// reference holds ~1e-16, the GPU's fp32 ~1e-7..1e-5 rms (even the exact-o gradient is < 1e-3 rms),
+// and the plain relative error reads ~1e9.
 #include "gpu_test_util.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -27,6 +34,19 @@ namespace {
 
 using gpu_test::Buffer;
 using gpu_test::rel_err;
+
+// ‖got − ref‖ / max(‖ref‖, floor_rms·sqrt(n)); +inf if got holds a NaN or Inf.
+double rel_err_floor(const std::vector<float>& got, const std::vector<float>& ref, double floor_rms) {
+    const double err = rel_err(got, ref);
+    if (!std::isfinite(err)) return err;
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < got.size(); i++) {
+        const double d = (double)got[i] - (double)ref[i];
+        diff += d * d;
+        norm += (double)ref[i] * ref[i];
+    }
+    return std::sqrt(diff) / std::max(std::sqrt(norm), floor_rms * std::sqrt((double)ref.size()));
+}
 
 float round_bf16(float x) {  // round to nearest even, as __float2bfloat16_rn
     uint32_t u;
@@ -245,8 +265,10 @@ TEST_P(PolySketchCudaVsCpu, ForwardGradientsAndParamGradient) {
     const double tol = c.dtype == DType::BF16 ? 3e-2 : 1e-4;
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
     EXPECT_LE(rel_err(gpu.den, cpu.den), 1e-4) << "saved 1 + δ (fp32 in both modes)";
-    EXPECT_LE(rel_err(gpu.dq, cpu.dq), tol) << "dq";
-    EXPECT_LE(rel_err(gpu.dk, cpu.dk), tol) << "dk";
+    // dq, dk vanish to rounding noise where a row's own weight dominates (see the file comment)
+    constexpr double kGradFloorRms = 1e-2;
+    EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, kGradFloorRms), tol) << "dq";
+    EXPECT_LE(rel_err_floor(gpu.dk, cpu.dk, kGradFloorRms), tol) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol) << "dv";
     // dparams is fp32 in both modes; in bf16 mode it inherits the o rounding through Δ
     if (c.learned) {
