@@ -32,7 +32,7 @@ HAVE_NVCC  := $(if $(NVCC),1,)
 HAVE_MPI   := $(shell command -v mpicxx >/dev/null 2>&1 && echo 1)
 
 # ---- sources
-CORE_SRC  := $(wildcard src/*.cpp) $(wildcard src/attention/*.cpp) $(wildcard models/*.cpp) \
+CORE_SRC  := $(filter-out src/launch_mpi.cpp, $(wildcard src/*.cpp)) $(wildcard src/attention/*.cpp) $(wildcard models/*.cpp) \
              $(filter-out data/prepare.cpp data/pretokenize.cpp, $(wildcard data/*.cpp))
 CUDA_SRC  := $(wildcard cuda/*.cu) $(wildcard cuda/attention/*.cu)
 CORE_OBJ  := $(CORE_SRC:%.cpp=$(BUILD)/obj/%.o)
@@ -43,10 +43,16 @@ GPU_SRC   := $(wildcard tests/gpu/*.cpp) $(wildcard tests/gpu/*.cu)
 
 ifeq ($(HAVE_NVCC),1)
 BACKEND_OBJ := $(CUDA_OBJ)
-BACKEND_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt
+BACKEND_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcudart -lcublas -lcublasLt -lnccl
 else
 BACKEND_OBJ := $(BUILD)/obj/backend/cuda_stub.o
 BACKEND_LIBS :=
+endif
+
+# MPI launch (src/launch_mpi.cpp) only where mpicxx exists; otherwise launch.cpp's weak stub says "no MPI"
+ifeq ($(HAVE_MPI),1)
+MPI_OBJ  := $(BUILD)/obj/src/launch_mpi.o
+MPI_LIBS := $(shell mpicxx --showme:link 2>/dev/null || mpicxx -link_info 2>/dev/null | cut -d' ' -f2-)
 endif
 
 PROGRAMS := $(BUILD)/train $(if $(wildcard train/attn.cpp),$(BUILD)/attn)
@@ -91,6 +97,11 @@ $(BUILD)/obj/%.o: %.cpp
 $(BUILD)/obj/%.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+ifeq ($(HAVE_MPI),1)
+$(MPI_OBJ): src/launch_mpi.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $(shell mpicxx --showme:compile 2>/dev/null || mpicxx -compile_info 2>/dev/null | cut -d' ' -f2-) -c $< -o $@
+endif
 $(BUILD)/obj/backend/cuda_stub.o: src/backend/cuda_stub.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
@@ -100,8 +111,8 @@ $(BUILD)/libcore.a: $(CORE_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
 # ---- programs
-$(BUILD)/train: $(BUILD)/obj/train/train.o $(BUILD)/libcore.a $(BACKEND_OBJ)
-	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS)
+$(BUILD)/train: $(BUILD)/obj/train/train.o $(MPI_OBJ) $(BUILD)/libcore.a $(BACKEND_OBJ)
+	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS) $(MPI_LIBS)
 $(BUILD)/attn: $(BUILD)/obj/train/attn.o $(BUILD)/libcore.a $(BACKEND_OBJ)
 	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS)
 $(BUILD)/prepare: $(BUILD)/obj/data/prepare.o $(PRETOK_OBJ) $(BUILD)/libcore.a

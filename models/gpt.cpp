@@ -2,6 +2,7 @@
 // the optimizer step, all through `Ops` so the same code runs on the CPU and on CUDA.
 #include "gpt.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -167,7 +168,8 @@ GPT::~GPT() {
 
 size_t GPT::total_bytes() const {
     size_t p = num_params_ * dtype_size(ops.act_dtype());
-    return p + (master_mem_ ? num_params_ * 4 : 0) + 3 * num_params_ * 4 + acts_total_ + workspace_bytes_;
+    const size_t state_n = zero_ == 1 ? shard_size_ : num_params_;
+    return p + (master_mem_ ? state_n * 4 : 0) + num_params_ * 4 + 2 * state_n * 4 + acts_total_ + workspace_bytes_;
 }
 
 std::string GPT::memory_plan() const {
@@ -175,9 +177,11 @@ std::string GPT::memory_plan() const {
     std::string s;
     s += strformat("memory plan (%s, %s): %zu parameters\n", ops.name().c_str(), dtype_name(ops.act_dtype()), num_params_);
     s += strformat("  %-22s %10.1f MiB\n", "parameters", mib(num_params_ * dtype_size(ops.act_dtype())));
-    if (master_mem_) s += strformat("  %-22s %10.1f MiB\n", "master weights (fp32)", mib(num_params_ * 4));
+    const size_t state_n = zero_ == 1 ? shard_size_ : num_params_;  // ZeRO-1: this rank's shard
+    if (master_mem_) s += strformat("  %-22s %10.1f MiB\n", "master weights (fp32)", mib(state_n * 4));
     s += strformat("  %-22s %10.1f MiB\n", "gradients (fp32)", mib(num_params_ * 4));
-    s += strformat("  %-22s %10.1f MiB\n", "AdamW m, v (fp32)", mib(2 * num_params_ * 4));
+    s += strformat("  %-22s %10.1f MiB\n", "AdamW m, v (fp32)", mib(2 * state_n * 4));
+    if (zero_ == 1) s += strformat("  (ZeRO-1: optimizer state sharded over %d ranks, %zu elements each)\n", comm_->world(), shard_size_);
     s += strformat("  %-22s %10.1f MiB   (B=%d, T=%d)\n", "activations", mib(acts_total_), B, T);
     if (workspace_bytes_) s += strformat("  %-22s %10.1f MiB\n", "attention workspace", mib(workspace_bytes_));
     s += strformat("  %-22s %10.1f MiB", "total", mib(total_bytes()));
@@ -213,6 +217,14 @@ void GPT::init_weights(uint64_t seed) {
 
 std::vector<float> GPT::get_params() const {
     std::vector<float> h(num_params_);
+    if (zero_ == 1 && master_mem_) {  // the fp32 masters are sharded: gather them (a collective)
+        Tensor all{ops.alloc(padded_ * 4, "gathered master weights"), DType::F32, padded_};
+        ops.copy(all.slice(shard_begin_, shard_size_), Tensor{master_mem_, DType::F32, shard_size_});
+        comm_->all_gather(all);
+        ops.download(h.data(), all.slice(0, num_params_));
+        ops.release(all.ptr);
+        return h;
+    }
     Tensor src = master_mem_ ? Tensor{master_mem_, DType::F32, num_params_}
                              : Tensor{params_mem_, ops.act_dtype(), num_params_};
     ops.download(h.data(), src);
@@ -222,6 +234,11 @@ std::vector<float> GPT::get_params() const {
 void GPT::set_params(const std::vector<float>& h) {
     CHECK(h.size() == num_params_, "parameters: got %zu values, the model has %zu", h.size(), num_params_);
     ops.upload(Tensor{params_mem_, ops.act_dtype(), num_params_}, h.data());
+    if (zero_ == 1 && master_mem_) {  // this rank's shard of the masters (padding stays 0)
+        if (shard_begin_ < num_params_)
+            ops.upload(Tensor{master_mem_, DType::F32, std::min(shard_size_, num_params_ - shard_begin_)}, h.data() + shard_begin_);
+        return;
+    }
     if (master_mem_) ops.upload(Tensor{master_mem_, DType::F32, num_params_}, h.data());
 }
 
@@ -232,12 +249,14 @@ std::vector<float> GPT::get_grads() const {
 }
 
 std::vector<float> GPT::get_moments(int which) const {
+    CHECK(zero_ == 0, "optimizer state is sharded (ZeRO-1): use get_shard_moments");
     std::vector<float> h(num_params_);
     ops.download(h.data(), Tensor{which == 0 ? m_mem_ : v_mem_, DType::F32, num_params_});
     return h;
 }
 
 void GPT::set_moments(int which, const std::vector<float>& h) {
+    CHECK(zero_ == 0, "optimizer state is sharded (ZeRO-1): use set_shard_moments");
     CHECK(h.size() == num_params_, "optimizer state: got %zu values, the model has %zu", h.size(), num_params_);
     ops.upload(Tensor{which == 0 ? m_mem_ : v_mem_, DType::F32, num_params_}, h.data());
 }
@@ -390,9 +409,31 @@ void GPT::backward() {
 
 // ---------------------------------------------------------------- optimizer
 
-float GPT::grad_norm() { return (float)std::sqrt(ops.sum_squares(Tensor{grads_mem_, DType::F32, num_params_})); }
+float GPT::grad_norm() {
+    if (zero_ == 1) {  // the reduced gradients are sharded: sum the shards' squares over the ranks
+        double sum = ops.sum_squares(Tensor{grads_mem_, DType::F32, padded_}.slice(shard_begin_, shard_size_));
+        comm_->all_reduce_sum_host(&sum, 1);
+        return (float)std::sqrt(sum);
+    }
+    return (float)std::sqrt(ops.sum_squares(Tensor{grads_mem_, DType::F32, num_params_})); }
 
 void GPT::adamw_step(float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale) {
+    if (zero_ == 1) {
+        // AdamW on this rank's shard: the runs of equal decay flag cut at the shard's bounds
+        const size_t lo = shard_begin_, hi = std::min(shard_begin_ + shard_size_, num_params_);
+        Tensor P{params_mem_, ops.act_dtype(), padded_}, G{grads_mem_, DType::F32, padded_};
+        Tensor M{m_mem_, DType::F32, shard_size_}, V{v_mem_, DType::F32, shard_size_};
+        Tensor W{master_mem_, DType::F32, master_mem_ ? shard_size_ : 0};
+        for (const DecayRun& run : decay_runs()) {
+            const size_t a = std::max(run.offset, lo), b = std::min(run.offset + run.count, hi);
+            if (a >= b) continue;
+            AdamWStep s{lr, beta1, beta2, eps, run.decay ? weight_decay : 0.0f, step, grad_scale};
+            ops.adamw(P.slice(a, b - a), master_mem_ ? W.slice(a - lo, b - a) : Tensor{}, G.slice(a, b - a),
+                      M.slice(a - lo, b - a), V.slice(a - lo, b - a), s);
+        }
+        comm_->all_gather(P);  // every rank's updated shard to every rank
+        return;
+    }
     auto update = [&](int id, size_t off, size_t n, bool decay) {
         AdamWStep s{lr, beta1, beta2, eps, decay ? weight_decay : 0.0f, step, grad_scale};
         ops.adamw(params_[id].slice(off, n), master_mem_ ? master_[id].slice(off, n) : Tensor{},
@@ -412,4 +453,95 @@ void GPT::adamw_step(float lr, float beta1, float beta2, float eps, float weight
                 }
         }
     }
+}
+
+// ---------------------------------------------------------------- data parallel
+
+std::vector<GPT::DecayRun> GPT::decay_runs() const {
+    std::vector<DecayRun> runs;
+    size_t off = 0;
+    for (int id = 0; id < NUM_PARAM_TENSORS; id++) {
+        const size_t n = specs_[id].size;
+        if (id != ATTNP) {
+            if (n) runs.push_back({off, n, specs_[id].decay});
+        } else if (n) {  // the attention module's parameters: its per-element mask, per layer
+            std::vector<bool> mask = attn_->param_decay_mask(cfg.head_dim());
+            CHECK(mask.size() == attn_params_per_layer_, "attention %s: decay mask of %zu entries for %zu parameters",
+                  attn_->name().c_str(), mask.size(), attn_params_per_layer_);
+            for (int l = 0; l < cfg.L; l++) {
+                size_t base = off + l * attn_params_per_layer_, start = 0;
+                for (size_t i = 1; i <= mask.size(); i++)
+                    if (i == mask.size() || mask[i] != mask[start]) {
+                        runs.push_back({base + start, i - start, mask[start]});
+                        start = i;
+                    }
+            }
+        }
+        off += n;
+    }
+    return runs;
+}
+
+void GPT::set_data_parallel(Communicator* comm, int zero) {
+    CHECK(comm, "set_data_parallel: no communicator");
+    CHECK(zero == 0 || zero == 1, "--zero %d: expected 0 (replicated optimizer state) or 1 (sharded, ZeRO-1)", zero);
+    CHECK(comm_ == nullptr, "set_data_parallel: called twice");
+    comm_ = comm;
+    zero_ = zero;
+    if (zero == 0) return;
+    const size_t world = comm->world();
+    padded_ = (num_params_ + world - 1) / world * world;
+    shard_size_ = padded_ / world;
+    shard_begin_ = comm->rank() * shard_size_;
+    // parameters and gradients: padded (the collectives move equal chunks); padding stays 0
+    const DType adt = ops.act_dtype();
+    void* new_params = ops.alloc(padded_ * dtype_size(adt), "parameters");
+    ops.copy(Tensor{new_params, adt, num_params_}, Tensor{params_mem_, adt, num_params_});
+    ops.release(params_mem_);
+    params_mem_ = new_params;
+    ops.release(grads_mem_);
+    grads_mem_ = ops.alloc(padded_ * 4, "gradients");
+    // optimizer state: this rank's shard only (the masters start from the current parameters)
+    void* new_master = nullptr;
+    if (master_mem_) {
+        new_master = ops.alloc(shard_size_ * 4, "master weights (shard)");
+        if (shard_begin_ < num_params_) {
+            const size_t n = std::min(shard_size_, num_params_ - shard_begin_);
+            ops.copy(Tensor{new_master, DType::F32, n}, Tensor{master_mem_, DType::F32, num_params_}.slice(shard_begin_, n));
+        }
+        ops.release(master_mem_);
+        master_mem_ = new_master;
+    }
+    ops.release(m_mem_);
+    ops.release(v_mem_);
+    m_mem_ = ops.alloc(shard_size_ * 4, "AdamW m (shard)");
+    v_mem_ = ops.alloc(shard_size_ * 4, "AdamW v (shard)");
+    // per-tensor views: parameters and gradients keep the flat layout; the sharded state has none
+    Tensor P{params_mem_, adt, num_params_}, G{grads_mem_, DType::F32, num_params_};
+    size_t off = 0;
+    for (size_t id = 0; id < specs_.size(); id++) {
+        params_[id] = P.slice(off, specs_[id].size);
+        grads_[id] = G.slice(off, specs_[id].size);
+        m_[id] = v_[id] = master_[id] = Tensor{};
+        off += specs_[id].size;
+    }
+}
+
+void GPT::reduce_gradients() {
+    if (!comm_ || comm_->world() == 1) return;
+    if (zero_ == 0) comm_->all_reduce_sum(Tensor{grads_mem_, DType::F32, num_params_});
+    else comm_->reduce_scatter_sum(Tensor{grads_mem_, DType::F32, padded_});
+}
+
+std::vector<float> GPT::get_shard_moments(int which) const {
+    CHECK(zero_ == 1, "get_shard_moments: the optimizer state is not sharded (--zero 0)");
+    std::vector<float> h(shard_size_);
+    ops.download(h.data(), Tensor{which == 0 ? m_mem_ : v_mem_, DType::F32, shard_size_});
+    return h;
+}
+
+void GPT::set_shard_moments(int which, const std::vector<float>& h) {
+    CHECK(zero_ == 1, "set_shard_moments: the optimizer state is not sharded (--zero 0)");
+    CHECK(h.size() == shard_size_, "optimizer shard: got %zu values, this rank's shard has %zu", h.size(), shard_size_);
+    ops.upload(Tensor{which == 0 ? m_mem_ : v_mem_, DType::F32, shard_size_}, h.data());
 }

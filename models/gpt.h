@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "comm.h"
 #include "ops.h"
 
 struct GPTConfig {
@@ -88,6 +89,26 @@ public:
     void adamw_step(float lr, float beta1, float beta2, float eps, float weight_decay, int step,
                     float grad_scale);
 
+    // ---- data parallel over the ranks of `comm` (src/comm.h). Call once, right after
+    // construction. zero 0: every rank keeps the whole optimizer state; gradients are
+    // all-reduced. zero 1 (ZeRO-1): the parameters are laid out padded to a multiple of world;
+    // rank r owns elements [shard_begin, shard_begin + shard_size) of that layout and keeps only
+    // their AdamW m, v (and fp32 masters); gradients are reduce-scattered, AdamW updates the
+    // shard, the parameters are all-gathered. The loss must be scaled by 1/world (forward's
+    // grad_scale) so the summed gradients are the mean. Under zero 1, get_params() is a
+    // collective (it gathers the masters): every rank calls it.
+    void set_data_parallel(Communicator* comm, int zero);
+    int zero_stage() const { return zero_; }
+    // After the last micro-step's backward: sums the gradients over the ranks (zero 0: all of
+    // them; zero 1: this rank's shard). One collective over the whole gradient arena (not yet
+    // bucketed per layer / overlapped with the backward).
+    void reduce_gradients();
+    size_t shard_begin() const { return shard_begin_; }
+    size_t shard_size() const { return shard_size_; }
+    // ZeRO-1 optimizer state of this rank's shard (shard_size floats): 0 = m, 1 = v
+    std::vector<float> get_shard_moments(int which) const;
+    void set_shard_moments(int which, const std::vector<float>& host);
+
 private:
     Tensor param(int id) const { return params_[id]; }
     Tensor grad(int id) const { return grads_[id]; }
@@ -112,6 +133,14 @@ private:
     std::unique_ptr<Acts> acts_;
     std::vector<size_t> act_bytes_;   // for the memory plan
     size_t acts_total_ = 0, workspace_bytes_ = 0;
+
+    // data parallel (set_data_parallel)
+    Communicator* comm_ = nullptr;
+    int zero_ = 0;
+    size_t padded_ = 0;                          // num_params rounded up to a multiple of world (zero 1)
+    size_t shard_begin_ = 0, shard_size_ = 0;    // this rank's shard of the padded layout (zero 1)
+    struct DecayRun { size_t offset, count; bool decay; };
+    std::vector<DecayRun> decay_runs() const;    // [0, num_params) as runs of equal weight-decay flag
 
     // state of the last forward, for backward()
     int last_b_ = 0, last_t_ = 0;

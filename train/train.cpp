@@ -16,11 +16,14 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <omp.h>
 
 #include "check.h"
+#include "comm.h"
 #include "data/dataloader.h"
 #include "data/tokenizer.h"
 #include "fileio.h"
+#include "launch.h"
 #include "log.h"
 #include "models/gpt.h"
 #include "models/model_file.h"
@@ -32,6 +35,10 @@
 using nlohmann::json;
 
 namespace {
+
+// This process's communicator, here so that main can tell the other ranks when run() fails.
+std::unique_ptr<Communicator> g_comm;
+int g_rank = 0, g_world = 1;
 
 bool file_exists(const std::string& p) {
     struct stat st;
@@ -96,6 +103,37 @@ void read_optimizer(const std::string& path, size_t n, std::vector<float>& m, st
     v.resize(n);
     std::memcpy(m.data(), bytes.data() + 16, n * 4);
     std::memcpy(v.data(), bytes.data() + 16 + n * 4, n * 4);
+}
+
+// ZeRO-1 optimizer shard of one rank: header (magic|version 2, world, rank, parameters,
+// shard begin, shard size) then the shard's m and v as fp32. The fp32 masters need no copy:
+// model.bin holds them (gathered).
+void write_optimizer_shard(const std::string& path, const GPT& model, int world, int rank) {
+    std::vector<float> m = model.get_shard_moments(0), v = model.get_shard_moments(1);
+    std::string bytes(48, '\0');
+    int64_t* h = reinterpret_cast<int64_t*>(&bytes[0]);
+    h[0] = ((int64_t)kOptimMagic << 8) | 2;
+    h[1] = world; h[2] = rank; h[3] = (int64_t)model.num_params(); h[4] = (int64_t)model.shard_begin(); h[5] = (int64_t)m.size();
+    bytes.append(reinterpret_cast<const char*>(m.data()), m.size() * 4);
+    bytes.append(reinterpret_cast<const char*>(v.data()), v.size() * 4);
+    write_file_atomic(path, bytes);
+}
+void read_optimizer_shard(const std::string& path, GPT& model, int world, int rank) {
+    std::string bytes = read_file(path, "optimizer shard");
+    CHECK(bytes.size() >= 48, "%s: truncated optimizer shard", path.c_str());
+    const int64_t* h = reinterpret_cast<const int64_t*>(bytes.data());
+    CHECK(h[0] == (((int64_t)kOptimMagic << 8) | 2), "%s: not an optimizer shard file (wrong magic or version)", path.c_str());
+    CHECK(h[1] == world && h[2] == rank && h[3] == (int64_t)model.num_params() && h[4] == (int64_t)model.shard_begin() &&
+              h[5] == (int64_t)model.shard_size(),
+          "%s: shard of rank %lld/%lld over %lld parameters does not match rank %d/%d over %zu", path.c_str(), (long long)h[2],
+          (long long)h[1], (long long)h[3], rank, world, model.num_params());
+    const size_t n = model.shard_size();
+    CHECK(bytes.size() == 48 + 8 * n, "%s: truncated optimizer shard (%zu bytes, expected %zu)", path.c_str(), bytes.size(), 48 + 8 * n);
+    std::vector<float> m(n), v(n);
+    std::memcpy(m.data(), bytes.data() + 48, n * 4);
+    std::memcpy(v.data(), bytes.data() + 48 + n * 4, n * 4);
+    model.set_shard_moments(0, m);
+    model.set_shard_moments(1, v);
 }
 
 // Text sample: tokens drawn from softmax(logits) (top-k 40) after <|endoftext|>.
@@ -181,6 +219,15 @@ int run(int argc, char** argv) {
         FAIL("%s (see --help)", e.what());
     }
 
+    // ---- ranks: --nproc starts them here; torchrun / mpirun started this one
+    const Launch launch = discover_launch();
+    if (opt.nproc > 1 && launch.method == "single") return spawn_ranks(opt.nproc, argc, argv);
+    CHECK(opt.nproc <= 1 || opt.nproc == launch.world, "--nproc %d, but the launcher started %d ranks", opt.nproc, launch.world);
+    const int rank = launch.rank, world = launch.world;
+    g_rank = rank;
+    g_world = world;
+    if (rank != 0 && !std::freopen("/dev/null", "w", stdout)) FAIL("rank %d: cannot silence stdout", rank);  // rank 0 reports
+
     Checkpoint ckpt;
     if (opt.resume) {
         ckpt = find_resume_checkpoint(opt.out);
@@ -190,30 +237,46 @@ int run(int argc, char** argv) {
     resolve_defaults(opt, cuda);
     CHECK(opt.batch >= 1 && opt.seq >= 1, "--batch %d and --seq %d must be positive", opt.batch, opt.seq);
     CHECK(opt.steps >= 1, "--steps %d must be positive", opt.steps);
-    const long tokens_per_micro = (long)opt.batch * opt.seq;
+    const long tokens_per_micro = (long)opt.batch * opt.seq * world;  // one micro-step of every rank
     CHECK(opt.total_batch % tokens_per_micro == 0,
-          "--total-batch %ld is not a multiple of --batch * --seq = %ld; pick a multiple", opt.total_batch, tokens_per_micro);
+          "--total-batch %ld is not a multiple of --batch * --seq * ranks = %d * %d * %d = %ld; pick a multiple", opt.total_batch,
+          opt.batch, opt.seq, world, tokens_per_micro);
     const int accum = (int)(opt.total_batch / tokens_per_micro);
     CHECK(opt.clip >= 0 && opt.lr > 0, "--clip must be >= 0 and --lr > 0");
     ensure_writable_dir(opt.out, "output folder");
+
+    // ---- communicator (before the backend: NCCL picks this rank's GPU); all ranks must agree
+    g_comm = make_communicator(opt.comm, launch, cuda, opt.out, opt.comm_timeout);
+    Communicator& comm = *g_comm;
+    check_same_on_all_ranks(comm, "options (or the checkpoint resumed)", json(opt).dump() + "|" + ckpt.dir);
+    if (!cuda && launch.local_world > 1 && !std::getenv("OMP_NUM_THREADS"))  // share the cores among this node's ranks
+        omp_set_num_threads(std::max(1, omp_get_num_procs() / launch.local_world));
 
     // ---- backend and model
     std::unique_ptr<Ops> ops = cuda ? make_cuda_ops(opt.precision == "fp32" ? DType::F32 : DType::BF16) : make_cpu_ops();
     ModelFile loaded;
     GPTConfig cfg = model_config(opt, &loaded);
     GPT model(cfg, *ops, opt.batch, opt.seq);
+    model.set_data_parallel(&comm, opt.zero);
     std::printf("%s\n", model.memory_plan().c_str());
 
     int start_step = 0;
     Rng sample_rng(Rng::derive(opt.seed, 99));
     DataLoaderState train_state;
     if (opt.resume) {
+        const int saved_world = ckpt.state.value("world", 1);
+        CHECK(saved_world == world, "%s was written by %d ranks and this launch has %d: resume with the same number of ranks "
+              "(--nproc %d); the optimizer shards and the data order depend on it", ckpt.dir.c_str(), saved_world, world, saved_world);
         ModelFile m = read_model_file(ckpt.dir + "/model.bin");
         model.set_params(m.params);
-        std::vector<float> mm, vv;
-        read_optimizer(ckpt.dir + "/optim.bin", model.num_params(), mm, vv);
-        model.set_moments(0, mm);
-        model.set_moments(1, vv);
+        if (model.zero_stage() == 1) {
+            read_optimizer_shard(ckpt.dir + strformat("/optim_rank%d.bin", rank), model, world, rank);
+        } else {
+            std::vector<float> mm, vv;
+            read_optimizer(ckpt.dir + "/optim.bin", model.num_params(), mm, vv);
+            model.set_moments(0, mm);
+            model.set_moments(1, vv);
+        }
         start_step = ckpt.state["step"].get<int>();
         train_state = ckpt.state["train_loader"].get<DataLoaderState>();
         sample_rng.state = ckpt.state["sample_rng"].get<uint64_t>();
@@ -236,10 +299,10 @@ int run(int argc, char** argv) {
     }
 
     // ---- data
-    DataLoader train_loader(opt.data + "/train_*.bin", opt.batch, opt.seq, 0, 1, opt.seed, true, cfg.vocab);
+    DataLoader train_loader(opt.data + "/train_*.bin", opt.batch, opt.seq, rank, world, opt.seed, true, cfg.vocab);
     train_loader.restore(train_state);
     std::unique_ptr<DataLoader> val_loader;
-    if (opt.eval_every > 0) val_loader = std::make_unique<DataLoader>(opt.data + "/val_*.bin", opt.batch, opt.seq, 0, 1, opt.seed, false, cfg.vocab);
+    if (opt.eval_every > 0) val_loader = std::make_unique<DataLoader>(opt.data + "/val_*.bin", opt.batch, opt.seq, rank, world, opt.seed, false, cfg.vocab);
     std::unique_ptr<Tokenizer> tokenizer;
     if (file_exists(opt.data + "/tokenizer/encoder.json")) tokenizer = std::make_unique<Tokenizer>(Tokenizer::load(opt.data + "/tokenizer"));
     else std::printf("note: %s/tokenizer/ not found: samples are printed as token ids\n", opt.data.c_str());
@@ -248,21 +311,42 @@ int run(int argc, char** argv) {
     std::printf("config: %s\n", config_json.dump().c_str());
     std::printf("model: L=%d H=%d C=%d context=%d pos=%s attention=%s; %zu parameters; device %s (%s)\n", cfg.L, cfg.H, cfg.C,
                 cfg.max_seq, cfg.pos.c_str(), cfg.attn.name.c_str(), model.num_params(), ops->name().c_str(), dtype_name(ops->act_dtype()));
-    std::printf("batch: %d x %d tokens, %d accumulation steps = %ld tokens per step; %d steps; train data %zu tokens\n",
-                opt.batch, opt.seq, accum, opt.total_batch, opt.steps, train_loader.num_tokens());
+    std::printf("batch: %d x %d tokens, %d accumulation steps, %d rank(s) = %ld tokens per step; %d steps; train data %zu tokens\n",
+                opt.batch, opt.seq, accum, world, opt.total_batch, opt.steps, train_loader.num_tokens());
+    if (world > 1) std::printf("data parallel: %d ranks (%s launch, %s communicator), ZeRO-%d\n", world, launch.method.c_str(), comm.name().c_str(), opt.zero);
 
-    JsonlLog log(opt.out + "/log.jsonl", opt.resume ? start_step : -1);
+    JsonlLog log(rank == 0 ? opt.out + "/log.jsonl" : "/dev/null", rank == 0 && opt.resume ? start_step : -1);  // rank 0 logs
     StatusLine status;
     LrSchedule sched{opt.lr, opt.lr_final, opt.warmup, opt.steps, opt.schedule};
     std::vector<int> inputs((size_t)opt.batch * opt.seq), targets((size_t)opt.batch * opt.seq);
 
+    // Every rank writes its part into rank 0's temporary folder (rank 0: model, state and the
+    // replicated optimizer state; under ZeRO-1 each rank its optimizer shard); rank 0 commits
+    // only after a collective has confirmed that every part is complete.
     auto checkpoint = [&](int step) {
-        std::string dir = begin_checkpoint(opt.out, step);
-        write_model_file(dir + "/model.bin", cfg, model.attn_params_per_layer(), model.get_params());
-        write_optimizer(dir + "/optim.bin", model.get_moments(0), model.get_moments(1));
-        json state = {{"step", step}, {"options", opt}, {"train_loader", train_loader.state()},
-                      {"sample_rng", sample_rng.state}};
-        write_file_atomic(dir + "/state.json", state.dump(2));
+        std::string dir;
+        if (rank == 0) dir = begin_checkpoint(opt.out, step);
+        comm.broadcast_host(dir, 0);
+        std::vector<float> params = model.get_params();  // a collective under ZeRO-1
+        std::string failure;
+        try {
+            if (model.zero_stage() == 1) write_optimizer_shard(dir + strformat("/optim_rank%d.bin", rank), model, world, rank);
+            if (rank == 0) {
+                write_model_file(dir + "/model.bin", cfg, model.attn_params_per_layer(), params);
+                if (model.zero_stage() == 0) write_optimizer(dir + "/optim.bin", model.get_moments(0), model.get_moments(1));
+                json state = {{"step", step}, {"options", opt}, {"train_loader", train_loader.state()},
+                              {"sample_rng", sample_rng.state}, {"world", world}};
+                write_file_atomic(dir + "/state.json", state.dump(2));
+            }
+        } catch (const std::exception& e) {
+            failure = e.what();
+        }
+        double failed_ranks = failure.empty() ? 0 : 1;
+        comm.all_reduce_sum_host(&failed_ranks, 1);
+        if (!failure.empty()) throw Error(failure);
+        CHECK(failed_ranks == 0, "checkpoint of step %d: %.0f other rank(s) could not write their part (see their errors); not committed",
+              step, failed_ranks);
+        if (rank != 0) return;
         commit_checkpoint(opt.out, step);
         prune_checkpoints(opt.out, opt.keep);
         status.print(strformat("checkpoint %s", checkpoint_dir(opt.out, step).c_str()));
@@ -276,7 +360,8 @@ int run(int argc, char** argv) {
             val_loader->next_batch(inputs.data(), targets.data());
             sum += model.forward(inputs.data(), targets.data(), opt.batch, opt.seq, false, 1.0f, step);
         }
-        float val = (float)(sum / std::max(1, n));
+        comm.all_reduce_sum_host(&sum, 1);
+        float val = (float)(sum / world / std::max(1, n));
         CHECK(std::isfinite(val), "validation loss is %f at step %d: training diverged; lower --lr or raise --warmup", val, step);
         status.print(strformat("step %d: val loss %.4f", step, val));
         log.write({{"step", step}, {"val_loss", val}});
@@ -293,10 +378,15 @@ int run(int argc, char** argv) {
         double loss = 0;
         for (int micro = 0; micro < accum; micro++) {
             train_loader.next_batch(inputs.data(), targets.data());
-            loss += model.forward(inputs.data(), targets.data(), opt.batch, opt.seq, true, 1.0f / accum, step);
+            loss += model.forward(inputs.data(), targets.data(), opt.batch, opt.seq, true, 1.0f / (accum * world), step);
             model.backward();
         }
+        model.reduce_gradients();  // the sum over ranks of 1/world-scaled gradients: their mean
         loss /= accum;
+        if (world > 1) {
+            comm.all_reduce_sum_host(&loss, 1);
+            loss /= world;
+        }
         float norm = model.grad_norm();
         CHECK(std::isfinite(loss) && std::isfinite(norm),
               "loss %f / gradient norm %f is not finite at step %d: training diverged; lower --lr or raise --warmup", loss, norm, step + 1);
@@ -315,13 +405,15 @@ int run(int argc, char** argv) {
 
         const int done = step + 1;
         if (opt.eval_every > 0 && (done % opt.eval_every == 0 || done == opt.steps)) evaluate(done);
-        if (opt.sample_every > 0 && (done % opt.sample_every == 0 || done == opt.steps))
+        if (rank == 0 && opt.sample_every > 0 && (done % opt.sample_every == 0 || done == opt.steps))
             status.print(strformat("---- sample at step %d ----\n%s\n----", done, generate(model, sample_rng, tokenizer.get(), opt.sample_tokens).c_str()));
         if ((opt.ckpt_every > 0 && done % opt.ckpt_every == 0) || done == stop) checkpoint(done);
     }
     if (size_t used = ops->device_memory_used()) std::printf("peak device memory %.2f GiB (in use at the end, CUDA context included)\n", used / 1073741824.0);
     if (start_step >= stop) std::printf("nothing to do: the checkpoint is at step %d, --steps is %d\n", start_step, opt.steps);
     std::printf("done: %ld tokens in %s\n", tokens_done, format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count()).c_str());
+    comm.barrier();  // no rank leaves while another may still need it
+    end_launch(launch);
     return 0;
 }
 
@@ -329,10 +421,14 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
     try {
-        return run(argc, argv);
+        const int status = run(argc, argv);
+        g_comm.reset();
+        return status;
     } catch (const std::exception& e) {
+        if (g_comm) g_comm->abort(e.what());  // the other ranks stop now rather than at their timeout
         std::fflush(stdout);
-        std::fprintf(stderr, "\nerror: %s\n", e.what());
+        if (g_world > 1 && std::strncmp(e.what(), "rank ", 5) != 0) std::fprintf(stderr, "\nerror: [rank %d/%d] %s\n", g_rank, g_world, e.what());
+        else std::fprintf(stderr, "\nerror: %s\n", e.what());
         return 1;
     }
 }

@@ -257,8 +257,13 @@ void expect_close(const PerfCase& c, const AttnResult& gpu, const AttnResult& cp
     EXPECT_LE(rel_err(slice(gpu.saved, 0, rows), slice(cpu.saved, 0, rows)), tol.saved) << "saved R";
     EXPECT_LE(rel_err(slice(gpu.saved, 1, rows), slice(cpu.saved, 1, rows)), tol.saved) << "saved cq";
     EXPECT_LE(rel_err(slice(gpu.saved, 2, rows), slice(cpu.saved, 2, rows)), tol.saved) << "saved ck";
-    EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, 1e-3), tol.dq) << "dq";
-    EXPECT_LE(rel_err_floor(gpu.dk, cpu.dk, 1e-3), tol.out) << "dk";
+    // At T=1, o = v exactly, so dq and dk are zero by math and both sides hold rounding noise
+    // only: measure them against a floor of 10% of dv's rms (far below dq's size when T > 1).
+    double dv_rms = 0.0;
+    for (float x : cpu.dv) dv_rms += (double)x * x;
+    const double floor_rms = std::max(1e-3, 0.1 * std::sqrt(dv_rms / std::max<size_t>(1, cpu.dv.size())));
+    EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, floor_rms), tol.dq) << "dq";
+    EXPECT_LE(rel_err_floor(gpu.dk, cpu.dk, floor_rms), tol.out) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol.out) << "dv";
 }
 
