@@ -111,9 +111,9 @@ $(BUILD)/libcore.a: $(CORE_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
 # ---- programs
-$(BUILD)/train: $(BUILD)/obj/train/train.o $(MPI_OBJ) $(BUILD)/libcore.a $(BACKEND_OBJ)
+$(BUILD)/train: $(BUILD)/obj/train/train.o $(MPI_OBJ) $(BACKEND_OBJ) $(BUILD)/libcore.a
 	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS) $(MPI_LIBS)
-$(BUILD)/attn: $(BUILD)/obj/train/attn.o $(BUILD)/libcore.a $(BACKEND_OBJ)
+$(BUILD)/attn: $(BUILD)/obj/train/attn.o $(BACKEND_OBJ) $(BUILD)/libcore.a
 	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS)
 $(BUILD)/prepare: $(BUILD)/obj/data/prepare.o $(PRETOK_OBJ) $(BUILD)/libcore.a
 	$(CXX) $^ -o $@ $(LDFLAGS) -lpcre2-8
@@ -123,11 +123,12 @@ $(BUILD)/test_unit: $(UNIT_OBJ) $(PRETOK_OBJ) $(BUILD)/libcore.a $(BUILD)/obj/ba
 	$(CXX) $^ -o $@ $(LDFLAGS) -lgtest -lgtest_main -lpcre2-8
 
 GPU_OBJ := $(patsubst %.cu,$(BUILD)/obj/%.o,$(patsubst %.cpp,$(BUILD)/obj/%.o,$(GPU_SRC)))
-$(BUILD)/test_gpu: $(GPU_OBJ) $(BUILD)/libcore.a $(BACKEND_OBJ)
+$(BUILD)/test_gpu: $(GPU_OBJ) $(BACKEND_OBJ) $(BUILD)/libcore.a
 	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS) -lgtest -lgtest_main
 
 # benchmarks: each tests/bench/NAME.cu is one program build/bench/NAME
-$(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(BUILD)/libcore.a $(BACKEND_OBJ)
+# CUDA objects come before libcore.a: they use its CPU helpers (e.g. performer_features)
+$(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(BACKEND_OBJ) $(BUILD)/libcore.a
 	@mkdir -p $(dir $@)
 	$(CXX) $^ -o $@ $(LDFLAGS) $(BACKEND_LIBS)
 
