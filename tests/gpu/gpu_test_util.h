@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <utility>
@@ -31,6 +32,7 @@
 #ifndef FAIL
 #define FAIL(...) throw Error(strformat(__VA_ARGS__))
 #endif
+#include "attention.h"
 #include "ops.h"
 
 namespace gpu_test {
@@ -168,5 +170,65 @@ inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>&
 inline double output_tolerance(DType dtype) { return dtype == DType::F32 ? 1e-5 : 1e-2; }
 
 inline const char* precision_name(DType dtype) { return dtype == DType::F32 ? "fp32" : "bf16"; }
+
+// ---------------------------------------------------------------- attention-variant suites
+inline float round_bf16(float x) {  // round to nearest even, as __float2bfloat16_rn
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    float y;
+    std::memcpy(&y, &u, 4);
+    return y;
+}
+
+// One CUDA backend per precision for the whole test binary.
+inline Ops& cuda_ops(DType dt) {
+    static std::unique_ptr<Ops> bf16_ops, f32_ops;
+    std::unique_ptr<Ops>& ops = dt == DType::BF16 ? bf16_ops : f32_ops;
+    if (!ops) ops = make_cuda_ops(dt);
+    return *ops;
+}
+
+// How a (B,H,T,d) tensor sits in its device buffer: contiguous, or as one of the three parts of
+// the fused (B,T,3,H,d) qkv buffer (part 0,1,2 = q,k,v) / the (B,T,H,d) attention output.
+struct Layout {
+    int B, H, T, d;
+    bool fused;
+    // element offset of (b,h,t,i) of part `part` (of `parts`: 3 for qkv, 1 for o)
+    size_t offset(int part, int parts, int b, int h, int t) const {
+        if (!fused) return (((size_t)part * B + b) * H + h) * (size_t)T * d + (size_t)t * d;
+        return (((size_t)b * T + t) * parts + part) * (size_t)H * d + (size_t)h * d;
+    }
+    HeadTensor view(const Tensor& buf, int part, int parts) const {
+        char* base = static_cast<char*>(buf.ptr) + offset(part, parts, 0, 0, 0) * dtype_size(buf.dtype);
+        if (!fused) return HeadTensor{base, buf.dtype, (int64_t)H * T * d, (int64_t)T * d, d};
+        return HeadTensor{base, buf.dtype, (int64_t)T * parts * H * d, d, (int64_t)parts * H * d};
+    }
+    // canonical (parts × B,H,T,d) host data <-> the buffer's host image
+    std::vector<float> scatter(const std::vector<float>& canon, int parts) const {
+        std::vector<float> img(canon.size());
+        for_each(parts, [&](size_t c, size_t o) { img[o] = canon[c]; });
+        return img;
+    }
+    std::vector<float> gather(const std::vector<float>& img, int parts) const {
+        std::vector<float> canon(img.size());
+        for_each(parts, [&](size_t c, size_t o) { canon[c] = img[o]; });
+        return canon;
+    }
+    template <typename Fn>
+    void for_each(int parts, Fn fn) const {
+        size_t c = 0;
+        for (int p = 0; p < parts; p++)
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    for (int t = 0; t < T; t++)
+                        for (int i = 0; i < d; i++, c++) fn(c, offset(p, parts, b, h, t) + i);
+    }
+};
+
+// part `part` of `v` cut into pieces of n elements
+inline std::vector<float> slice(const std::vector<float>& v, size_t part, size_t n) {
+    return std::vector<float>(v.begin() + part * n, v.begin() + (part + 1) * n);
+}
 
 }  // namespace gpu_test

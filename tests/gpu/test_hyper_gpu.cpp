@@ -33,60 +33,10 @@ namespace {
 using gpu_test::Buffer;
 using gpu_test::rel_err;
 
-float round_bf16(float x) {  // round to nearest even, as __float2bfloat16_rn
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    float y;
-    std::memcpy(&y, &u, 4);
-    return y;
-}
-
-Ops& cuda_ops(DType dt) {
-    static std::unique_ptr<Ops> bf16_ops, f32_ops;
-    std::unique_ptr<Ops>& ops = dt == DType::BF16 ? bf16_ops : f32_ops;
-    if (!ops) ops = make_cuda_ops(dt);
-    return *ops;
-}
-
-// How a (B,H,T,d) tensor sits in its buffer: contiguous, or one part of the fused (B,T,3,H,d) qkv
-// buffer (part 0,1,2 = q,k,v) / the (B,T,H,d) attention output.
-struct Layout {
-    int B, H, T, d;
-    bool fused;
-    size_t offset(int part, int parts, int b, int h, int t) const {
-        if (!fused) return (((size_t)part * B + b) * H + h) * (size_t)T * d + (size_t)t * d;
-        return (((size_t)b * T + t) * parts + part) * (size_t)H * d + (size_t)h * d;
-    }
-    HeadTensor view(const Tensor& buf, int part, int parts) const {
-        char* base = static_cast<char*>(buf.ptr) + offset(part, parts, 0, 0, 0) * dtype_size(buf.dtype);
-        if (!fused) return HeadTensor{base, buf.dtype, (int64_t)H * T * d, (int64_t)T * d, d};
-        return HeadTensor{base, buf.dtype, (int64_t)T * parts * H * d, d, (int64_t)parts * H * d};
-    }
-    std::vector<float> scatter(const std::vector<float>& canon, int parts) const {
-        std::vector<float> img(canon.size());
-        for_each(parts, [&](size_t c, size_t o) { img[o] = canon[c]; });
-        return img;
-    }
-    std::vector<float> gather(const std::vector<float>& img, int parts) const {
-        std::vector<float> canon(img.size());
-        for_each(parts, [&](size_t c, size_t o) { canon[c] = img[o]; });
-        return canon;
-    }
-    template <typename Fn>
-    void for_each(int parts, Fn fn) const {
-        size_t c = 0;
-        for (int p = 0; p < parts; p++)
-            for (int b = 0; b < B; b++)
-                for (int h = 0; h < H; h++)
-                    for (int t = 0; t < T; t++)
-                        for (int i = 0; i < d; i++, c++) fn(c, offset(p, parts, b, h, t) + i);
-    }
-};
-
-std::vector<float> slice(const std::vector<float>& v, size_t part, size_t n) {
-    return std::vector<float>(v.begin() + part * n, v.begin() + (part + 1) * n);
-}
+using gpu_test::cuda_ops;
+using gpu_test::Layout;
+using gpu_test::round_bf16;
+using gpu_test::slice;
 
 struct HyperCase {
     int T, min_seq, block, samples, lsh_bits;
