@@ -20,12 +20,12 @@
 // allow it (forward, dQ; dK/dV at d = 64), so each ldmatrix'd B fragment feeds 4 mma instead of 2;
 // fragment addresses are per-lane offsets XOR per-call constants (no spills, 255 registers max);
 // warps skip key/query tiles their rows cannot see; fwd Br = 128 (Q in registers at d = 64),
-// exp2 with scale·log2e folded into one FFMA. v1 (16 rows per warp) measured on the H100 (bf16,
-// causal, B·T = 65,536, TFLOP/s, fwd = 2·B·H·T²·d, f+b = 3.5x fwd):
-//   d=64 T=4k: fwd 214, f+b 179;  d=64 T=16k: fwd 224, f+b 187;  d=128 T=16k: fwd 250, f+b 204
-// (torch flash: 284/246, 304/285, 333/320). v2 is expected to beat v1 on every row and aims at
-// f+b >= 0.8x torch flash (197, 228, 256); the backward keeps 7 matmuls (separate dQ kernel,
-// no atomics) against flash's 5, so that is the hard part.
+// exp2 with scale·log2e folded into one FFMA.
+// v2 beat v1 (16 rows per warp) on the H100 (bf16, causal, B·T = 65,536, TFLOP/s, fwd = 2·B·H·T²·d,
+// f+b = 3.5x fwd): d=64 T=16k fwd 224 -> 245, f+b 187 -> 208; d=128 T=16k fwd 250 -> 273,
+// f+b 204 -> 219 (torch flash 305/286 and 336/320 in the same runs; tests/bench/RESULTS.md).
+// An ordered (deterministic) dQ accumulation inside the dK/dV kernel, 5 matmuls instead of 7,
+// measured the same f+b (208 at d=64, 16k) and was dropped: the extra matmuls are not the limit.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
