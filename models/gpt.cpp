@@ -112,15 +112,10 @@ GPT::GPT(const GPTConfig& c, Ops& o, int B_, int T_) : cfg(c), ops(o), B(B_), T(
     m_mem_ = ops.alloc(num_params_ * 4, "AdamW m");
     v_mem_ = ops.alloc(num_params_ * 4, "AdamW v");
     Tensor P{params_mem_, adt, num_params_}, G{grads_mem_, DType::F32, num_params_};
-    Tensor M{m_mem_, DType::F32, num_params_}, V{v_mem_, DType::F32, num_params_};
-    Tensor W{master_mem_, DType::F32, master_mem_ ? num_params_ : 0};
     size_t off = 0;
-    for (const ParamSpec& s : specs_) {
+    for (const ParamSpec& s : specs_) {  // per-tensor views (the optimizer works on flat runs)
         params_.push_back(P.slice(off, s.size));
         grads_.push_back(G.slice(off, s.size));
-        m_.push_back(M.slice(off, s.size));
-        v_.push_back(V.slice(off, s.size));
-        master_.push_back(master_mem_ ? W.slice(off, s.size) : Tensor{});
         off += s.size;
     }
 
@@ -349,11 +344,18 @@ std::vector<float> GPT::logits_row(int bi, int ti) const {
 
 // ---------------------------------------------------------------- backward (mirrors forward)
 
-void GPT::zero_grad() { ops.zero(Tensor{grads_mem_, DType::F32, num_params_}); }
+void GPT::zero_grad() {
+    CHECK(!grads_in_flight_, "zero_grad: the gradients are still being reduced; call reduce_gradients() first");
+    ops.zero(Tensor{grads_mem_, DType::F32, num_params_});
+}
 
-void GPT::backward() {
+void GPT::backward(bool last_micro_step) {
     CHECK(have_grads_for_backward_, "backward() needs a preceding training forward with targets");
+    CHECK(!grads_in_flight_, "backward: the gradients are still being reduced; call reduce_gradients() first");
     have_grads_for_backward_ = false;
+    // per-layer all-reduce buckets, each started once its gradients are complete (ZeRO 0)
+    const bool start_buckets = last_micro_step && comm_ && zero_ == 0 && bucket_grads_;
+    const std::vector<std::vector<Tensor>> buckets = start_buckets ? gradient_buckets() : std::vector<std::vector<Tensor>>{};
     const int b = last_b_, t = last_t_, C = cfg.C, L = cfg.L, Vp = cfg.padded_vocab, d = cfg.head_dim();
     const size_t N = (size_t)b * t, NMAX = (size_t)B * T;
     Acts& a = *acts_;
@@ -403,8 +405,13 @@ void GPT::backward() {
         ops.layernorm_backward(dresidual, grad(LN1W).slice(l * C, C), grad(LN1B).slice(l * C, C), dbtc,
                                residual, param(LN1W).slice(l * C, C), layer(a.ln1_mean, l, 1),
                                layer(a.ln1_rstd, l, 1), N, C);
+        if (start_buckets) comm_->all_reduce_sum_async(buckets[l]);  // layer l's gradients are final
     }
     ops.encoder_backward(grad(WTE), grad(WPE), dresidual, tokens_dev_, last_tokens_.data(), b, t, C);
+    if (start_buckets) {
+        comm_->all_reduce_sum_async(buckets[L]);  // wte (also the output layer), wpe, final LN
+        grads_in_flight_ = true;
+    }
 }
 
 // ---------------------------------------------------------------- optimizer
@@ -418,41 +425,24 @@ float GPT::grad_norm() {
     return (float)std::sqrt(ops.sum_squares(Tensor{grads_mem_, DType::F32, num_params_})); }
 
 void GPT::adamw_step(float lr, float beta1, float beta2, float eps, float weight_decay, int step, float grad_scale) {
-    if (zero_ == 1) {
-        // AdamW on this rank's shard: the runs of equal decay flag cut at the shard's bounds
-        const size_t lo = shard_begin_, hi = std::min(shard_begin_ + shard_size_, num_params_);
-        Tensor P{params_mem_, ops.act_dtype(), padded_}, G{grads_mem_, DType::F32, padded_};
-        Tensor M{m_mem_, DType::F32, shard_size_}, V{v_mem_, DType::F32, shard_size_};
-        Tensor W{master_mem_, DType::F32, master_mem_ ? shard_size_ : 0};
-        for (const DecayRun& run : decay_runs()) {
-            const size_t a = std::max(run.offset, lo), b = std::min(run.offset + run.count, hi);
-            if (a >= b) continue;
-            AdamWStep s{lr, beta1, beta2, eps, run.decay ? weight_decay : 0.0f, step, grad_scale};
-            ops.adamw(P.slice(a, b - a), master_mem_ ? W.slice(a - lo, b - a) : Tensor{}, G.slice(a, b - a),
-                      M.slice(a - lo, b - a), V.slice(a - lo, b - a), s);
-        }
-        comm_->all_gather(P);  // every rank's updated shard to every rank
-        return;
+    // AdamW over the runs of equal decay flag (decay_runs: one per tensor, per-element masks of the
+    // attention module split into runs). With ZeRO-1 only this rank's shard [lo, hi) of them is
+    // updated (its moments and masters hold just that shard), then every rank's shard is gathered.
+    const bool sharded = zero_ == 1;
+    const size_t lo = sharded ? shard_begin_ : 0;
+    const size_t hi = sharded ? std::min(shard_begin_ + shard_size_, num_params_) : num_params_;
+    const size_t arena_n = sharded ? padded_ : num_params_, state_n = sharded ? shard_size_ : num_params_;
+    Tensor P{params_mem_, ops.act_dtype(), arena_n}, G{grads_mem_, DType::F32, arena_n};
+    Tensor M{m_mem_, DType::F32, state_n}, V{v_mem_, DType::F32, state_n};
+    Tensor W{master_mem_, DType::F32, master_mem_ ? state_n : 0};
+    for (const DecayRun& run : decay_runs()) {
+        const size_t a = std::max(run.offset, lo), b = std::min(run.offset + run.count, hi);
+        if (a >= b) continue;
+        AdamWStep s{lr, beta1, beta2, eps, run.decay ? weight_decay : 0.0f, step, grad_scale};
+        ops.adamw(P.slice(a, b - a), master_mem_ ? W.slice(a - lo, b - a) : Tensor{}, G.slice(a, b - a),
+                  M.slice(a - lo, b - a), V.slice(a - lo, b - a), s);
     }
-    auto update = [&](int id, size_t off, size_t n, bool decay) {
-        AdamWStep s{lr, beta1, beta2, eps, decay ? weight_decay : 0.0f, step, grad_scale};
-        ops.adamw(params_[id].slice(off, n), master_mem_ ? master_[id].slice(off, n) : Tensor{},
-                  grads_[id].slice(off, n), m_[id].slice(off, n), v_[id].slice(off, n), s);
-    };
-    for (int id = 0; id < NUM_PARAM_TENSORS; id++) {
-        if (specs_[id].size == 0) continue;
-        if (id != ATTNP) { update(id, 0, specs_[id].size, specs_[id].decay); continue; }
-        // the attention module's parameters: contiguous runs of equal decay flag, per layer
-        std::vector<bool> mask = attn_->param_decay_mask(cfg.head_dim());
-        for (int l = 0; l < cfg.L; l++) {
-            size_t base = l * attn_params_per_layer_, start = 0;
-            for (size_t i = 1; i <= mask.size(); i++)
-                if (i == mask.size() || mask[i] != mask[start]) {
-                    update(id, base + start, i - start, mask[start]);
-                    start = i;
-                }
-        }
-    }
+    if (sharded) comm_->all_gather(P);  // every rank's updated shard to every rank
 }
 
 // ---------------------------------------------------------------- data parallel
@@ -482,12 +472,13 @@ std::vector<GPT::DecayRun> GPT::decay_runs() const {
     return runs;
 }
 
-void GPT::set_data_parallel(Communicator* comm, int zero) {
+void GPT::set_data_parallel(Communicator* comm, int zero, bool bucket_grads) {
     CHECK(comm, "set_data_parallel: no communicator");
     CHECK(zero == 0 || zero == 1, "--zero %d: expected 0 (replicated optimizer state) or 1 (sharded, ZeRO-1)", zero);
     CHECK(comm_ == nullptr, "set_data_parallel: called twice");
     comm_ = comm;
     zero_ = zero;
+    bucket_grads_ = bucket_grads;
     if (zero == 0) return;
     const size_t world = comm->world();
     padded_ = (num_params_ + world - 1) / world * world;
@@ -522,12 +513,30 @@ void GPT::set_data_parallel(Communicator* comm, int zero) {
     for (size_t id = 0; id < specs_.size(); id++) {
         params_[id] = P.slice(off, specs_[id].size);
         grads_[id] = G.slice(off, specs_[id].size);
-        m_[id] = v_[id] = master_[id] = Tensor{};
         off += specs_[id].size;
     }
 }
 
+std::vector<std::vector<Tensor>> GPT::gradient_buckets() const {
+    const size_t C = cfg.C, P = attn_params_per_layer_;
+    std::vector<std::vector<Tensor>> buckets(cfg.L + 1);
+    auto add = [&](std::vector<Tensor>& bucket, Tensor t) { if (t.n) bucket.push_back(t); };
+    for (size_t l = 0; l < (size_t)cfg.L; l++) {  // (elements per layer of each tensor)
+        const std::pair<int, size_t> per_layer[] = {
+            {LN1W, C}, {LN1B, C}, {QKVW, 3 * C * C}, {QKVB, 3 * C}, {ATTPROJW, C * C}, {ATTPROJB, C},
+            {LN2W, C}, {LN2B, C}, {FCW, 4 * C * C}, {FCB, 4 * C}, {FCPROJW, C * 4 * C}, {FCPROJB, C}, {ATTNP, P}};
+        for (auto [id, n] : per_layer) add(buckets[l], grad(id).slice(l * n, n));
+    }
+    for (int id : {WTE, WPE, LNFW, LNFB}) add(buckets[cfg.L], grad(id));
+    return buckets;
+}
+
 void GPT::reduce_gradients() {
+    if (grads_in_flight_) {  // backward(true) started every bucket
+        grads_in_flight_ = false;
+        comm_->wait();
+        return;
+    }
     if (!comm_ || comm_->world() == 1) return;
     if (zero_ == 0) comm_->all_reduce_sum(Tensor{grads_mem_, DType::F32, num_params_});
     else comm_->reduce_scatter_sum(Tensor{grads_mem_, DType::F32, padded_});

@@ -79,7 +79,11 @@ public:
     float forward(const int* tokens, const int* targets, int b, int t, bool train,
                   float grad_scale, int64_t step);
     void zero_grad();
-    void backward();
+    // last_micro_step: the last backward before reduce_gradients(). With data parallel under
+    // ZeRO 0 and bucketing on (set_data_parallel), each layer's gradients start their all-reduce
+    // (asynchronous, see gradient_buckets) as soon as they are complete, overlapping the rest of
+    // the backward; the gradients must then not be touched until reduce_gradients().
+    void backward(bool last_micro_step = false);
     // Logits (Vp floats) of row (bi, ti) of the last forward, on the host.
     std::vector<float> logits_row(int bi, int ti) const;
 
@@ -97,12 +101,19 @@ public:
     // shard, the parameters are all-gathered. The loss must be scaled by 1/world (forward's
     // grad_scale) so the summed gradients are the mean. Under zero 1, get_params() is a
     // collective (it gathers the masters): every rank calls it.
-    void set_data_parallel(Communicator* comm, int zero);
+    // bucket_grads (zero 0 only; --bucket-grads): reduce the gradients per layer, overlapped with
+    // the backward of the last micro-step; otherwise one collective after it.
+    void set_data_parallel(Communicator* comm, int zero, bool bucket_grads = true);
     int zero_stage() const { return zero_; }
     // After the last micro-step's backward: sums the gradients over the ranks (zero 0: all of
-    // them; zero 1: this rank's shard). One collective over the whole gradient arena (not yet
-    // bucketed per layer / overlapped with the backward).
+    // them; zero 1: this rank's shard). When backward(true) started the buckets: waits for them;
+    // otherwise one collective over the whole gradient arena (zero 1 always: one reduce-scatter).
     void reduce_gradients();
+    // The all-reduce buckets of the gradient arena, fp32 views: element l < L holds layer l's
+    // slices of every per-layer tensor (12 slices, plus the attention module's), started from
+    // layer L-1 down to 0; element L holds wte, wpe, lnfw, lnfb, started after the backward.
+    // Together they cover the arena exactly once (empty tensors left out).
+    std::vector<std::vector<Tensor>> gradient_buckets() const;
     size_t shard_begin() const { return shard_begin_; }
     size_t shard_size() const { return shard_size_; }
     // ZeRO-1 optimizer state of this rank's shard (shard_size floats): 0 = m, 1 = v
@@ -128,7 +139,7 @@ private:
     void* attn_workspace_ = nullptr;
     int* tokens_dev_ = nullptr;    // (B, T)
     int* targets_dev_ = nullptr;   // (B, T)
-    std::vector<Tensor> params_, master_, grads_, m_, v_;
+    std::vector<Tensor> params_, grads_;  // per-tensor views of the flat arenas
     struct Acts;
     std::unique_ptr<Acts> acts_;
     std::vector<size_t> act_bytes_;   // for the memory plan
@@ -137,6 +148,8 @@ private:
     // data parallel (set_data_parallel)
     Communicator* comm_ = nullptr;
     int zero_ = 0;
+    bool bucket_grads_ = true;
+    bool grads_in_flight_ = false;               // backward(true) started the buckets; reduce_gradients() waits
     size_t padded_ = 0;                          // num_params rounded up to a multiple of world (zero 1)
     size_t shard_begin_ = 0, shard_size_ = 0;    // this rank's shard of the padded layout (zero 1)
     struct DecayRun { size_t offset, count; bool decay; };

@@ -44,6 +44,19 @@ public:
     virtual void broadcast(Tensor buf, int root) = 0;
     virtual void barrier() = 0;
 
+    // ---- asynchronous all-reduce (gradient buckets overlapped with the backward)
+    // Starts summing every tensor of `bucket` (fp32, in place) over the ranks, ordered after the
+    // work the backend has queued so far; every rank starts the same buckets in the same order.
+    // Each element is reduced exactly as all_reduce_sum would (host modules: bitwise the same sum).
+    // The tensors must not be read or written until wait(). nccl: the reduction runs on a second
+    // stream while the backend goes on; the host modules (single, threads, shm): synchronous.
+    virtual void all_reduce_sum_async(const std::vector<Tensor>& bucket) {
+        for (const Tensor& t : bucket) all_reduce_sum(t);
+    }
+    // Waits (with the timeout) until every started asynchronous all-reduce has completed; the
+    // backend's later work sees the sums. Other collectives wait for them too.
+    virtual void wait() {}
+
     // ---- small host values (status flags, losses, hashes)
     virtual void all_reduce_sum_host(double* values, int n) = 0;
     virtual std::vector<uint64_t> all_gather_host(uint64_t value) = 0;

@@ -57,6 +57,7 @@ void add_train_options(CLI::App& app, TrainOptions& o) {
     app.add_option("--zero", o.zero, "0: every rank keeps the optimizer state; 1: shard it over the ranks (ZeRO-1)")->check(CLI::IsMember({0, 1}))->capture_default_str();
     app.add_option("--comm", o.comm, "communicator: auto (nccl on GPUs, shm on the CPU), single, shm, nccl")->check(CLI::IsMember({"auto", "single", "shm", "nccl"}))->capture_default_str();
     app.add_option("--comm-timeout", o.comm_timeout, "seconds a rank waits for the others (rendezvous, collectives) before exiting with an error")->capture_default_str();
+    app.add_option("--bucket-grads", o.bucket_grads, "ZeRO 0: all-reduce the gradients per layer, overlapped with the backward (true), or in one collective after it (false)")->capture_default_str();
 }
 
 AttnConfig attention_config(const TrainOptions& o) {
@@ -86,7 +87,7 @@ AttnConfig attention_config(const TrainOptions& o) {
 bool option_may_change_on_resume(const std::string& f) {
     static const char* allowed[] = {"steps", "stop_at", "eval_every", "eval_batches", "sample_every", "sample_tokens",
                                     "out", "ckpt_every", "keep", "resume", "data", "device",
-                                    "nproc", "comm", "comm_timeout"};
+                                    "nproc", "comm", "comm_timeout", "bucket_grads"};
     for (const char* a : allowed)
         if (f == a) return true;
     return false;

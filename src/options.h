@@ -62,12 +62,13 @@ struct TrainOptions {
     int zero = 0;                     // 0: optimizer state on every rank; 1: sharded (ZeRO-1)
     std::string comm = "auto";        // auto | single | shm | nccl
     double comm_timeout = 600;        // seconds a rank waits for the others before giving up
+    bool bucket_grads = true;         // ZeRO 0: all-reduce per layer, overlapped with the backward
 };
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(TrainOptions, device, precision, model, layers, heads, channels,
     max_seq, pos, attention, attn_window, attn_features, attn_redraw, attn_degree, attn_sketch_size, attn_sketch,
     attn_block, attn_exact_diag, attn_lsh_bits, attn_samples, attn_min_seq, data, batch, seq, total_batch, steps, stop_at,
     lr, warmup, schedule, lr_final, weight_decay, beta1, beta2, adam_eps, clip, eval_every, eval_batches,
-    sample_every, sample_tokens, out, ckpt_every, keep, resume, seed, nproc, zero, comm, comm_timeout)
+    sample_every, sample_tokens, out, ckpt_every, keep, resume, seed, nproc, zero, comm, comm_timeout, bucket_grads)
 
 void add_train_options(CLI::App& app, TrainOptions& o);
 void add_attention_options(CLI::App& app, TrainOptions& o);

@@ -257,7 +257,7 @@ int run(int argc, char** argv) {
     ModelFile loaded;
     GPTConfig cfg = model_config(opt, &loaded);
     GPT model(cfg, *ops, opt.batch, opt.seq);
-    model.set_data_parallel(&comm, opt.zero);
+    model.set_data_parallel(&comm, opt.zero, opt.bucket_grads);
     std::printf("%s\n", model.memory_plan().c_str());
 
     int start_step = 0;
@@ -379,7 +379,7 @@ int run(int argc, char** argv) {
         for (int micro = 0; micro < accum; micro++) {
             train_loader.next_batch(inputs.data(), targets.data());
             loss += model.forward(inputs.data(), targets.data(), opt.batch, opt.seq, true, 1.0f / (accum * world), step);
-            model.backward();
+            model.backward(micro == accum - 1);  // the last one starts the per-layer all-reduces (--bucket-grads)
         }
         model.reduce_gradients();  // the sum over ranks of 1/world-scaled gradients: their mean
         loss /= accum;
