@@ -9,17 +9,15 @@
 
 #include <cmath>
 #include <functional>
-#include <random>
 
 #include "attention.h"
 #include "attention/hyper_plan.h"
 #include "attention/softmax_ref.h"
+#include "attn_test_util.h"
 #include "check.h"
 #include "rng.h"
 
 namespace {
-
-uint64_t fresh_seed() { return ((uint64_t)std::random_device{}() << 32) ^ std::random_device{}(); }
 
 std::vector<double> randn(Rng& rng, size_t n, double scale = 1.0) {
     std::vector<double> x(n);

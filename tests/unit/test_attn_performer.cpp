@@ -8,45 +8,21 @@
 // is printed on failure.
 #define GTEST_DONT_DEFINE_FAIL 1  // check.h defines FAIL
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
-#include <random>
 #include <vector>
 
 #include "attention.h"
 #include "attention/performer_features.h"
+#include "attn_test_util.h"
 #include "check.h"
 #include "rng.h"
 
 namespace {
 
-uint64_t fresh_seed() { return ((uint64_t)std::random_device{}() << 32) ^ std::random_device{}(); }
-
-// q, k, v in one fused (B, T, 3, H, d) buffer; o and dout (B, T, H, d).
-template <typename T>
-struct Problem {
-    AttnShape s;
-    std::vector<T> qkv, dout;
-    HeadTensor qkv_view(std::vector<T>& buf, int which) const {  // which: 0 = q, 1 = k, 2 = v
-        const int64_t st = 3LL * s.H * s.d;
-        return HeadTensor{buf.data() + (int64_t)which * s.H * s.d, DType::F32, s.T * st, s.d, st};
-    }
-    HeadTensor bthd_view(std::vector<T>& buf) const {
-        const int64_t st = (int64_t)s.H * s.d;
-        return HeadTensor{buf.data(), DType::F32, s.T * st, s.d, st};
-    }
-    T& at(std::vector<T>& buf, int which, int b, int h, int t, int i) const {
-        return buf[(((size_t)b * s.T + t) * 3 + which) * s.H * s.d + (size_t)h * s.d + i];
-    }
-};
-
-Problem<double> random_problem(Rng& rng, int B, int H, int T, int d, double qk_scale) {
-    Problem<double> p;
-    p.s.B = B, p.s.H = H, p.s.T = T, p.s.d = d;
-    p.qkv.resize(p.s.rows() * 3 * d), p.dout.resize(p.s.rows() * d);
+FusedQkvProblem<double> random_problem(Rng& rng, int B, int H, int T, int d, double qk_scale) {
+    FusedQkvProblem<double> p(B, H, T, d);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
             for (int h = 0; h < H; h++)
@@ -59,7 +35,7 @@ Problem<double> random_problem(Rng& rng, int B, int H, int T, int d, double qk_s
     return p;
 }
 
-std::vector<double> forward(Problem<double>& p, const std::vector<float>& omega, int m, double eps,
+std::vector<double> forward(FusedQkvProblem<double>& p, const std::vector<float>& omega, int m, double eps,
                             std::vector<double>* saved_out = nullptr) {
     std::vector<double> o(p.s.rows() * p.s.d), saved(performer_saved_size(p.s));
     performer_forward<double>(p.s, omega.data(), m, eps, p.bthd_view(o), p.qkv_view(p.qkv, 0),
@@ -70,7 +46,7 @@ std::vector<double> forward(Problem<double>& p, const std::vector<float>& omega,
 
 // Naive O(T²) evaluation of the formulas in performer_features.h, with the stabilisers recomputed
 // here: cq_i = max_f a_f(q_i), ck_j = max over keys j' ≤ j and features.
-std::vector<double> naive(Problem<double>& p, const std::vector<float>& omega, int m, double eps,
+std::vector<double> naive(FusedQkvProblem<double>& p, const std::vector<float>& omega, int m, double eps,
                           std::vector<double>& cq_all, std::vector<double>& ck_all) {
     const int n = p.s.T, d = p.s.d;
     std::vector<double> o(p.s.rows() * d);
@@ -118,17 +94,6 @@ std::vector<double> naive(Problem<double>& p, const std::vector<float>& omega, i
     return o;
 }
 
-double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
-    double e = 0;
-    for (size_t i = 0; i < a.size(); i++) e = std::max(e, std::abs(a[i] - b[i]));
-    return e;
-}
-double max_abs(const std::vector<double>& a) {
-    double e = 0;
-    for (double x : a) e = std::max(e, std::abs(x));
-    return e;
-}
-
 AttnConfig performer_config(int m, uint64_t seed = 1337, int redraw = 1000) {
     AttnConfig cfg;
     cfg.name = "performer", cfg.features = m, cfg.seed = seed, cfg.redraw = redraw;
@@ -137,7 +102,7 @@ AttnConfig performer_config(int m, uint64_t seed = 1337, int redraw = 1000) {
 
 // Analytic gradient (fused layout) vs central differences of L = Σ o∘dout on every `stride`-th
 // input element. Tolerance relative to the largest gradient.
-void check_gradients(Problem<double>& p, const std::vector<float>& omega, int m, double eps, double tol,
+void check_gradients(FusedQkvProblem<double>& p, const std::vector<float>& omega, int m, double eps, double tol,
                      size_t stride = 1) {
     std::vector<double> saved;
     std::vector<double> o = forward(p, omega, m, eps, &saved);
@@ -145,27 +110,9 @@ void check_gradients(Problem<double>& p, const std::vector<float>& omega, int m,
     performer_backward<double>(p.s, omega.data(), m, eps, p.qkv_view(dqkv, 0), p.qkv_view(dqkv, 1),
                                p.qkv_view(dqkv, 2), p.bthd_view(p.dout), p.qkv_view(p.qkv, 0),
                                p.qkv_view(p.qkv, 1), p.qkv_view(p.qkv, 2), p.bthd_view(o), saved.data());
-    auto loss = [&] {
-        std::vector<double> oo = forward(p, omega, m, eps);
-        double L = 0;
-        for (size_t i = 0; i < oo.size(); i++) L += oo[i] * p.dout[i];
-        return L;
-    };
-    // thousands of tiny forwards: one thread, or OpenMP barriers dominate on a loaded machine
-    const int threads = omp_get_max_threads();
-    omp_set_num_threads(1);
-    const double h = 1e-6, scale = std::max(1.0, max_abs(dqkv));
-    double worst = 0;
-    for (size_t e = 0; e < p.qkv.size(); e += stride) {
-        const double x0 = p.qkv[e];
-        p.qkv[e] = x0 + h;
-        const double lp = loss();
-        p.qkv[e] = x0 - h;
-        const double lm = loss();
-        p.qkv[e] = x0;
-        worst = std::max(worst, std::abs((lp - lm) / (2 * h) - dqkv[e]));
-    }
-    omp_set_num_threads(threads);
+    const double scale = std::max(1.0, max_abs(dqkv));
+    const double worst = worst_finite_difference_error(
+        p.qkv, dqkv, [&] { return weighted_sum(forward(p, omega, m, eps), p.dout); }, stride);
     EXPECT_LT(worst / scale, tol) << "max |fd − analytic| " << worst << ", max |grad| " << scale;
 }
 
@@ -216,7 +163,7 @@ TEST(PerformerAttention, ChunkedScanEqualsNaiveFormulas) {
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
     const int m = 24, d = 8;
-    Problem<double> p = random_problem(rng, 2, 2, 150, d, 1.0);  // 3 chunks, the last partial
+    FusedQkvProblem<double> p = random_problem(rng, 2, 2, 150, d, 1.0);  // 3 chunks, the last partial
     // growing key magnitudes make the running max move within and across chunks
     for (int b = 0; b < 2; b++)
         for (int h = 0; h < 2; h++)
@@ -239,7 +186,7 @@ TEST(PerformerAttention, StrictlyCausalEvenThroughEpsilon) {
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
     const int m = 16, d = 8, T = 100, t0 = 70;  // t0 inside the second chunk
-    Problem<double> p = random_problem(rng, 1, 2, T, d, 1.0);
+    FusedQkvProblem<double> p = random_problem(rng, 1, 2, T, d, 1.0);
     const std::vector<float> omega = performer_features(performer_config(m, seed), 0, 0, d);
     const std::vector<double> before = forward(p, omega, m, kPerformerEpsilon);
     for (int h = 0; h < 2; h++)  // a huge later key (would move a chunk-wide max) and new values
@@ -260,13 +207,13 @@ TEST(PerformerAttention, GradientsMatchFiniteDifferences) {
     Rng rng(seed);
     const int m = 16, d = 8;
     const std::vector<float> omega = performer_features(performer_config(m, seed), 2, 7, d);
-    Problem<double> p = random_problem(rng, 2, 2, 37, d, 1.0);
+    FusedQkvProblem<double> p = random_problem(rng, 2, 2, 37, d, 1.0);
     // ε = 0: the stabilisers cancel exactly, so the forward is smooth and FD is exact
     check_gradients(p, omega, m, 0.0, 1e-6);
     // default ε: the stabilisers (held constant by design) move with the inputs by O(ε) only
     check_gradients(p, omega, m, kPerformerEpsilon, 1e-3, 5);
     // several chunks with a moving running max (every 7th element to keep it fast)
-    Problem<double> longer = random_problem(rng, 1, 1, 150, d, 1.0);
+    FusedQkvProblem<double> longer = random_problem(rng, 1, 1, 150, d, 1.0);
     for (int t = 0; t < 150; t++)
         for (int i = 0; i < d; i++) longer.at(longer.qkv, 1, 0, 0, t, i) *= 0.3 + 2.0 * t / 150;
     check_gradients(longer, omega, m, 0.0, 1e-6, 7);
@@ -278,7 +225,7 @@ TEST(PerformerAttention, ErrorVsSoftmaxFallsAsFeaturesGrow) {
     Rng rng(seed);
     const int d = 16, T = 64;
     // |q|, |k| moderate: larger logits give the estimator heavy tails and slow, noisy convergence
-    Problem<double> p = random_problem(rng, 1, 2, T, d, 0.4);
+    FusedQkvProblem<double> p = random_problem(rng, 1, 2, T, d, 0.4);
     // exact causal softmax, scale 1/sqrt(d)
     std::vector<double> exact(p.s.rows() * d);
     for (int h = 0; h < 2; h++)
@@ -316,20 +263,13 @@ TEST(PerformerAttention, ErrorVsSoftmaxFallsAsFeaturesGrow) {
 }
 
 // The fp32 Attention class (through the registry) against the fp64 templates with the same Ω.
-void run_class(Problem<double>& p, const AttnConfig& cfg, const AttnContext& ctx, std::vector<float>& o,
+void run_class(FusedQkvProblem<double>& p, const AttnConfig& cfg, const AttnContext& ctx, std::vector<float>& o,
                std::vector<float>& dqkv) {
     std::unique_ptr<Attention> attn = make_cpu_attention(cfg);
     EXPECT_EQ(attn->name(), "performer");
-    Problem<float> pf;
-    pf.s = p.s;
-    pf.qkv.assign(p.qkv.begin(), p.qkv.end()), pf.dout.assign(p.dout.begin(), p.dout.end());
-    o.assign(p.s.rows() * p.s.d, 0.f), dqkv.assign(p.qkv.size(), 0.f);
-    std::vector<float> saved(attn->saved_size(p.s));
-    attn->forward(p.s, ctx, pf.bthd_view(o), pf.qkv_view(pf.qkv, 0), pf.qkv_view(pf.qkv, 1),
-                  pf.qkv_view(pf.qkv, 2), saved.data(), Tensor{}, nullptr);
-    attn->backward(p.s, ctx, pf.qkv_view(dqkv, 0), pf.qkv_view(dqkv, 1), pf.qkv_view(dqkv, 2), Tensor{},
-                   pf.bthd_view(pf.dout), pf.qkv_view(pf.qkv, 0), pf.qkv_view(pf.qkv, 1),
-                   pf.qkv_view(pf.qkv, 2), pf.bthd_view(o), saved.data(), Tensor{}, nullptr);
+    FusedQkvProblem<float> pf = converted<float>(p);
+    ModuleOutputs out = run_module(*attn, ctx, pf);
+    o = std::move(out.o), dqkv = std::move(out.dqkv);
 }
 
 TEST(PerformerAttention, FloatClassMatchesDoubleReference) {
@@ -337,7 +277,7 @@ TEST(PerformerAttention, FloatClassMatchesDoubleReference) {
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
     const int m = 64, d = 16;
-    Problem<double> p = random_problem(rng, 2, 3, 101, d, 1.0);
+    FusedQkvProblem<double> p = random_problem(rng, 2, 3, 101, d, 1.0);
     const AttnConfig cfg = performer_config(m, seed, 5);
     const AttnContext ctx{2, 17};
     std::vector<float> o, dqkv;
@@ -359,7 +299,7 @@ TEST(PerformerAttention, LargeInputsStayFinite) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
-    Problem<double> p = random_problem(rng, 1, 2, 130, 16, 8.0);
+    FusedQkvProblem<double> p = random_problem(rng, 1, 2, 130, 16, 8.0);
     for (int h = 0; h < 2; h++)  // q, k are ×8 already; v too
         for (int t = 0; t < 130; t++)
             for (int i = 0; i < 16; i++) p.at(p.qkv, 2, 0, h, t, i) *= 8;

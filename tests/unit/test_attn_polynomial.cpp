@@ -6,51 +6,28 @@
 // seed is printed on failure.
 #define GTEST_DONT_DEFINE_FAIL 1  // check.h defines FAIL
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "attention.h"
 #include "attention/cpu_variants.h"
+#include "attn_test_util.h"
 #include "check.h"
 #include "rng.h"
 
 namespace {
 
-uint64_t fresh_seed() { return ((uint64_t)std::random_device{}() << 32) ^ std::random_device{}(); }
-
-// q, k, v in one fused (B, T, 3, H, d) buffer; o and dout (B, T, H, d).
-template <typename T>
-struct Problem {
-    AttnShape s;
-    std::vector<T> qkv, dout;
-    HeadTensor qkv_view(std::vector<T>& buf, int which) const {  // which: 0 = q, 1 = k, 2 = v
-        const int64_t st = 3LL * s.H * s.d;
-        return HeadTensor{buf.data() + (int64_t)which * s.H * s.d, DType::F32, s.T * st, s.d, st};
-    }
-    HeadTensor bthd_view(std::vector<T>& buf) const {
-        const int64_t st = (int64_t)s.H * s.d;
-        return HeadTensor{buf.data(), DType::F32, s.T * st, s.d, st};
-    }
-    T& at(std::vector<T>& buf, int which, int b, int h, int t, int i) const {
-        return buf[(((size_t)b * s.T + t) * 3 + which) * s.H * s.d + (size_t)h * s.d + i];
-    }
-};
-
-Problem<double> random_problem(Rng& rng, int B, int H, int T, int d, double scale = 1.0) {
-    Problem<double> p;
-    p.s.B = B, p.s.H = H, p.s.T = T, p.s.d = d;
-    p.qkv.resize(p.s.rows() * 3 * d), p.dout.resize(p.s.rows() * d);
+FusedQkvProblem<double> random_problem(Rng& rng, int B, int H, int T, int d, double scale = 1.0) {
+    FusedQkvProblem<double> p(B, H, T, d);
     for (double& x : p.qkv) x = scale * (rng.normal() + 0.3);  // a nonzero mean for LayerNorm to remove
     for (double& x : p.dout) x = rng.normal();
     return p;
 }
 
-std::vector<double> forward(Problem<double>& p, int degree, std::vector<double>* saved_out = nullptr) {
+std::vector<double> forward(FusedQkvProblem<double>& p, int degree, std::vector<double>* saved_out = nullptr) {
     std::vector<double> o(p.s.rows() * p.s.d), saved(polynomial_saved_size(p.s));
     polynomial_attention_forward<double>(p.s, degree, p.bthd_view(o), p.qkv_view(p.qkv, 0),
                                          p.qkv_view(p.qkv, 1), p.qkv_view(p.qkv, 2), saved.data());
@@ -58,23 +35,12 @@ std::vector<double> forward(Problem<double>& p, int degree, std::vector<double>*
     return o;
 }
 
-double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
-    double e = 0;
-    for (size_t i = 0; i < a.size(); i++) e = std::max(e, std::abs(a[i] - b[i]));
-    return e;
-}
-double max_abs(const std::vector<double>& a) {
-    double e = 0;
-    for (double x : a) e = std::max(e, std::abs(x));
-    return e;
-}
-
 TEST(PolynomialAttention, ForwardMatchesNaiveFormula) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
     const int B = 2, H = 3, T = 37, d = 8;
-    Problem<double> p = random_problem(rng, B, H, T, d);
+    FusedQkvProblem<double> p = random_problem(rng, B, H, T, d);
     for (int degree : {2, 4, 6}) {
         const std::vector<double> o = forward(p, degree);
         std::vector<double> want(o.size());
@@ -113,10 +79,7 @@ TEST(PolynomialAttention, GradientsMatchFiniteDifferences) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
-    Problem<double> p = random_problem(rng, 2, 2, 37, 8);
-    // thousands of tiny forwards: one thread, or OpenMP barriers dominate on a loaded machine
-    const int threads = omp_get_max_threads();
-    omp_set_num_threads(1);
+    FusedQkvProblem<double> p = random_problem(rng, 2, 2, 37, 8);
     for (int degree : {2, 4}) {
         std::vector<double> saved;
         std::vector<double> o = forward(p, degree, &saved);
@@ -125,54 +88,31 @@ TEST(PolynomialAttention, GradientsMatchFiniteDifferences) {
                                               p.qkv_view(dqkv, 2), p.bthd_view(p.dout),
                                               p.qkv_view(p.qkv, 0), p.qkv_view(p.qkv, 1),
                                               p.qkv_view(p.qkv, 2), p.bthd_view(o), saved.data());
-        auto loss = [&] {
-            const std::vector<double> oo = forward(p, degree);
-            double L = 0;
-            for (size_t i = 0; i < oo.size(); i++) L += oo[i] * p.dout[i];
-            return L;
-        };
-        const double h = 1e-6, scale = std::max(1.0, max_abs(dqkv));
-        double worst = 0;
-        for (size_t e = 0; e < p.qkv.size(); e++) {
-            const double x0 = p.qkv[e];
-            p.qkv[e] = x0 + h;
-            const double lp = loss();
-            p.qkv[e] = x0 - h;
-            const double lm = loss();
-            p.qkv[e] = x0;
-            worst = std::max(worst, std::abs((lp - lm) / (2 * h) - dqkv[e]));
-        }
+        const double scale = std::max(1.0, max_abs(dqkv));
+        const double worst =
+            worst_finite_difference_error(p.qkv, dqkv, [&] { return weighted_sum(forward(p, degree), p.dout); });
         EXPECT_LT(worst / scale, 1e-6) << "degree " << degree << ": max |fd − analytic| " << worst
                                        << ", max |grad| " << scale;
     }
-    omp_set_num_threads(threads);
 }
 
 // The fp32 Attention class (through the registry) on p's inputs.
-void run_class(Problem<double>& p, int degree, std::vector<float>& o, std::vector<float>& dqkv) {
+void run_class(FusedQkvProblem<double>& p, int degree, std::vector<float>& o, std::vector<float>& dqkv) {
     AttnConfig cfg;
     cfg.name = "polynomial", cfg.degree = degree;
     std::unique_ptr<Attention> attn = make_cpu_attention(cfg);
     EXPECT_EQ(attn->name(), "polynomial");
     EXPECT_EQ(attn->saved_size(p.s), 5 * p.s.rows());  // O(B·H·T), never T²
-    Problem<float> pf;
-    pf.s = p.s;
-    pf.qkv.assign(p.qkv.begin(), p.qkv.end()), pf.dout.assign(p.dout.begin(), p.dout.end());
-    o.assign(p.s.rows() * p.s.d, 0.f), dqkv.assign(p.qkv.size(), 0.f);
-    std::vector<float> saved(attn->saved_size(p.s));
-    const AttnContext ctx;
-    attn->forward(p.s, ctx, pf.bthd_view(o), pf.qkv_view(pf.qkv, 0), pf.qkv_view(pf.qkv, 1),
-                  pf.qkv_view(pf.qkv, 2), saved.data(), Tensor{}, nullptr);
-    attn->backward(p.s, ctx, pf.qkv_view(dqkv, 0), pf.qkv_view(dqkv, 1), pf.qkv_view(dqkv, 2), Tensor{},
-                   pf.bthd_view(pf.dout), pf.qkv_view(pf.qkv, 0), pf.qkv_view(pf.qkv, 1),
-                   pf.qkv_view(pf.qkv, 2), pf.bthd_view(o), saved.data(), Tensor{}, nullptr);
+    FusedQkvProblem<float> pf = converted<float>(p);
+    ModuleOutputs out = run_module(*attn, AttnContext{}, pf);
+    o = std::move(out.o), dqkv = std::move(out.dqkv);
 }
 
 TEST(PolynomialAttention, FloatClassMatchesDoubleReference) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
-    Problem<double> p = random_problem(rng, 2, 3, 101, 16);
+    FusedQkvProblem<double> p = random_problem(rng, 2, 3, 101, 16);
     std::vector<float> o, dqkv;
     run_class(p, 4, o, dqkv);
     std::vector<double> saved;
@@ -190,7 +130,7 @@ TEST(PolynomialAttention, LargeInputsStayFinite) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE("seed " + std::to_string(seed));
     Rng rng(seed);
-    Problem<double> p = random_problem(rng, 1, 2, 130, 64, 8.0);
+    FusedQkvProblem<double> p = random_problem(rng, 1, 2, 130, 64, 8.0);
     std::vector<float> o, dqkv;
     run_class(p, 4, o, dqkv);
     for (float x : o) ASSERT_TRUE(std::isfinite(x));

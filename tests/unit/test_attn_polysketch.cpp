@@ -17,6 +17,7 @@
 #include "attention.h"
 #include "attention/cpu_variants.h"
 #include "attention/polysketch_sketch.h"
+#include "attn_test_util.h"
 #include "check.h"
 #include "rng.h"
 
@@ -166,17 +167,6 @@ Vec naive_forward(const Problem& P, bool polynomial) {
             }
         }
     return o;
-}
-
-double max_abs_diff(const Vec& a, const Vec& b) {
-    double m = 0;
-    for (size_t i = 0; i < a.size(); i++) m = std::max(m, std::abs(a[i] - b[i]));
-    return m;
-}
-double max_abs(const Vec& a) {
-    double m = 0;
-    for (double x : a) m = std::max(m, std::abs(x));
-    return m;
 }
 
 // ---------------------------------------------------------------- forward

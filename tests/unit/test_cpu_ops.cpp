@@ -16,6 +16,7 @@
 #include "cpu_kernels.h"
 #include "cpu_ops.h"
 #include "rng.h"
+#include "test_util.h"
 
 namespace {
 using Vec = std::vector<double>;
@@ -42,15 +43,7 @@ Vec sub(const Vec& a, const Vec& b) {
 // Gradient of loss() with respect to x by central differences (x restored afterwards).
 Vec fd_grad(Vec& x, const std::function<double()>& loss, double h = 1e-5) {
     Vec g(x.size());
-    for (size_t i = 0; i < x.size(); i++) {
-        const double x0 = x[i];
-        x[i] = x0 + h;
-        const double lp = loss();
-        x[i] = x0 - h;
-        const double lm = loss();
-        x[i] = x0;
-        g[i] = (lp - lm) / (2 * h);
-    }
+    for (size_t i = 0; i < x.size(); i++) g[i] = central_difference(x, i, h, loss);
     return g;
 }
 

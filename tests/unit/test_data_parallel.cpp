@@ -5,20 +5,20 @@
 // DataLoader's rank split covers each window of a global batch exactly once, the collectives
 // are the serial sums, mismatched options and dead or failing ranks stop every rank with a
 // clear message, and build/train --nproc 2 (shm communicator) checkpoints and resumes bit-exactly.
+// Gradients all-reduced per layer during the last backward (bucketed, the default) are bitwise
+// those of one all-reduce after it, and the buckets cover the gradient arena exactly once.
 #define GTEST_DONT_DEFINE_FAIL 1
 #include <gtest/gtest.h>
 #include <omp.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <random>
-#include <sstream>
 #include <thread>
 
 #include "check.h"
@@ -27,6 +27,7 @@
 #include "data/shard.h"
 #include "fileio.h"
 #include "models/gpt.h"
+#include "test_util.h"
 
 namespace {
 
@@ -70,15 +71,16 @@ struct RankRun {
 };
 
 // One rank's training: kSteps AdamW steps of kAccum micro-steps; its rows of each global batch.
-// comm == nullptr: the plain single-process path (the reference).
+// comm == nullptr: the plain single-process path (the reference). bucket: the last micro-step's
+// backward starts the per-layer all-reduces (ZeRO 0), else one all-reduce after it.
 RankRun train_rank(const GPTConfig& cfg, Communicator* comm, int zero, const std::vector<Batch>& data, uint64_t seed,
-                   int steps = kSteps) {
+                   int steps = kSteps, bool bucket = true) {
     RankRun out;
     const int world = comm ? comm->world() : 1, rank = comm ? comm->rank() : 0;
     const int rows = kGlobalRows / world;
     auto ops = make_cpu_ops();
     GPT model(cfg, *ops, rows, kT);
-    if (comm) model.set_data_parallel(comm, zero);
+    if (comm) model.set_data_parallel(comm, zero, bucket);
     model.init_weights(seed);
     for (int step = 0; step < steps; step++) {
         model.zero_grad();
@@ -87,7 +89,7 @@ RankRun train_rank(const GPTConfig& cfg, Communicator* comm, int zero, const std
             const Batch& b = data[step * kAccum + micro];
             const size_t first = (size_t)rank * rows * kT;
             loss += model.forward(b.x.data() + first, b.y.data() + first, rows, kT, true, 1.0f / (kAccum * world), step);
-            model.backward();
+            model.backward(micro == kAccum - 1);
         }
         model.reduce_gradients();
         if (comm) comm->all_reduce_sum_host(&loss, 1);
@@ -104,7 +106,7 @@ RankRun train_rank(const GPTConfig& cfg, Communicator* comm, int zero, const std
 
 // world ranks as threads over the threads communicator; returns every rank's run.
 std::vector<RankRun> train_threads(const GPTConfig& cfg, int world, int zero, const std::vector<Batch>& data, uint64_t seed,
-                                   int steps) {
+                                   int steps, bool bucket = true) {
     auto comms = make_threads_communicators(world, 30.0);
     std::vector<RankRun> runs(world);
     std::vector<std::thread> threads;
@@ -112,7 +114,7 @@ std::vector<RankRun> train_threads(const GPTConfig& cfg, int world, int zero, co
         threads.emplace_back([&, r] {
             omp_set_num_threads(1);  // the ranks are the parallelism (2 cores)
             try {
-                runs[r] = train_rank(cfg, comms[r].get(), zero, data, seed, steps);
+                runs[r] = train_rank(cfg, comms[r].get(), zero, data, seed, steps, bucket);
             } catch (const std::exception& e) {
                 runs[r].error = e.what();
                 comms[r]->abort(e.what());
@@ -174,13 +176,6 @@ void expect_ranks_match_reference(const std::string& attention, const std::vecto
         }
 }
 
-std::string temp_dir() {
-    char tmpl[] = "/tmp/gpt_dp_test_XXXXXX";
-    char* d = mkdtemp(tmpl);
-    EXPECT_NE(d, nullptr);
-    return d ? d : "/tmp";
-}
-
 }  // namespace
 
 TEST(DataParallel, RanksMatchOneRankOnTheWholeBatch) {
@@ -205,15 +200,77 @@ TEST(DataParallel, ZeroOneOnOneRankIsBitwiseThePlainOptimizer) {
     EXPECT_EQ(z1.norms, ref.norms) << "seed " << seed;
 }
 
+TEST(DataParallel, BucketedGradientsAreBitwiseOneAllReduce) {
+    // per-layer buckets (default) vs one all-reduce after the backward: every element is summed
+    // once, in rank order, either way; RoPE (no position table) and polysketch (attention
+    // parameters in the layer buckets) vary the bucket contents
+    const uint64_t seed = std::random_device{}();
+    for (const char* attention : {"softmax", "polysketch"})
+        for (const char* pos : {"learned", "rope"}) {
+            GPTConfig cfg = small_config(attention);
+            cfg.pos = pos;
+            SCOPED_TRACE(std::string(attention) + ", " + pos + ", seed " + std::to_string(seed));
+            const std::vector<Batch> data = random_batches(kSteps * kAccum, cfg.vocab, seed);
+            for (int world : {2, 3}) {
+                std::vector<RankRun> bucketed = train_threads(cfg, world, 0, data, seed, kSteps, true);
+                std::vector<RankRun> whole = train_threads(cfg, world, 0, data, seed, kSteps, false);
+                for (int r = 0; r < world; r++) {
+                    ASSERT_EQ(bucketed[r].error, "") << "rank " << r;
+                    ASSERT_EQ(whole[r].error, "") << "rank " << r;
+                    EXPECT_EQ(bucketed[r].params, whole[r].params) << "world " << world << " rank " << r;
+                    EXPECT_EQ(bucketed[r].norms, whole[r].norms) << "world " << world << " rank " << r;
+                    EXPECT_EQ(bucketed[r].losses, whole[r].losses) << "world " << world << " rank " << r;
+                }
+            }
+        }
+}
+
+TEST(DataParallel, GradientBucketsCoverTheArenaOnce) {
+    for (const char* attention : {"softmax", "polysketch"})
+        for (const char* pos : {"learned", "rope"}) {
+            GPTConfig cfg = small_config(attention);
+            cfg.pos = pos;
+            SCOPED_TRACE(std::string(attention) + ", " + pos);
+            auto ops = make_cpu_ops();
+            GPT model(cfg, *ops, 1, kT);
+            const std::vector<std::vector<Tensor>> buckets = model.gradient_buckets();
+            ASSERT_EQ(buckets.size(), (size_t)cfg.L + 1);
+            // every layer's bucket: its share of the 12 per-layer tensors and the attention parameters
+            const size_t C = cfg.C, per_layer = 12 * C * C + 13 * C + model.attn_params_per_layer();
+            for (int l = 0; l < cfg.L; l++) {
+                size_t n = 0;
+                for (const Tensor& t : buckets[l]) n += t.n;
+                EXPECT_EQ(n, per_layer) << "layer " << l;
+            }
+            // all slices, sorted by address, tile one range of num_params floats without gap or overlap
+            std::vector<std::pair<const float*, size_t>> slices;
+            for (const auto& bucket : buckets)
+                for (const Tensor& t : bucket) {
+                    EXPECT_EQ(t.dtype, DType::F32);
+                    EXPECT_GT(t.n, 0u);
+                    slices.push_back({t.f32(), t.n});
+                }
+            std::sort(slices.begin(), slices.end());
+            size_t total = 0;
+            for (size_t i = 0; i < slices.size(); i++) {
+                if (i > 0) {
+                    EXPECT_EQ(slices[i].first, slices[i - 1].first + slices[i - 1].second) << "slice " << i;
+                }
+                total += slices[i].second;
+            }
+            EXPECT_EQ(total, model.num_params());
+        }
+}
+
 TEST(DataParallel, DataLoaderRanksCoverEachWindowOnce) {
     // tokens: window w of the shard starts with token w (unique), so rows identify windows
     const int T = 4, windows = 61;
     std::vector<uint16_t> tokens(windows * T + 1);
     for (size_t i = 0; i < tokens.size(); i++) tokens[i] = (uint16_t)(i % T == 0 ? i / T : 1000 + i % 7);
-    const std::string dir = temp_dir();
+    const TempDir temp("gpt_dp_test");
+    const std::string& dir = temp.path;
     write_shard(dir + "/train_000000.bin", tokens);
     const int global_rows = 12;
-    struct Cleanup { std::string d; ~Cleanup() { std::filesystem::remove_all(d); } } cleanup{dir};
     for (int world : {2, 3, 4}) {
         SCOPED_TRACE("world " + std::to_string(world));
         const int rows = global_rows / world;
@@ -354,8 +411,8 @@ TEST(DataParallel, DeadRankTimesOutAndFailingRankStopsThePeers) {
 }
 
 TEST(DataParallel, ShmCommunicatorMeetsThroughAFile) {
-    const std::string dir = temp_dir(), path = dir + "/comm";
-    struct Cleanup { std::string d; ~Cleanup() { std::filesystem::remove_all(d); } } cleanup{dir};
+    const TempDir temp("gpt_dp_test");
+    const std::string path = temp / "comm";
     const int world = 2;
     std::vector<double> v(world);
     std::vector<std::string> errors(world);
@@ -389,27 +446,6 @@ TEST(DataParallel, ShmCommunicatorMeetsThroughAFile) {
 
 namespace {
 
-std::string train_bin() {
-    const char* b = std::getenv("TRAIN_BIN");
-    return b ? b : "build/train";
-}
-
-struct Result { int code; std::string out, err; };
-
-Result run_train(const std::string& args, const std::string& dir) {
-    std::string cmd = train_bin() + " " + args + " >" + dir + "/stdout.txt 2>" + dir + "/stderr.txt";
-    int status = std::system(cmd.c_str());
-    Result r;
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    std::ifstream o(dir + "/stdout.txt"), e(dir + "/stderr.txt");
-    std::stringstream so, se;
-    so << o.rdbuf();
-    se << e.rdbuf();
-    r.out = so.str();
-    r.err = se.str();
-    return r;
-}
-
 std::string make_data(const std::string& root) {
     std::string data = root + "/data";
     ensure_writable_dir(data, "test data");
@@ -423,89 +459,75 @@ std::string make_data(const std::string& root) {
     return data;
 }
 
-// step -> loss text, as logged
-std::map<int, std::string> logged_losses(const std::string& log) {
-    std::map<int, std::string> m;
-    std::ifstream in(log);
-    std::string line;
-    while (std::getline(in, line)) {
-        auto s = line.find("\"loss\":");
-        auto st = line.find("\"step\":");
-        if (s == std::string::npos || st == std::string::npos) continue;
-        m[std::atoi(line.c_str() + st + 7)] = line.substr(s + 7, line.find_first_of(",}", s) - s - 7);
-    }
-    return m;
-}
-
 const char* kTiny = "--device cpu --model tiny --layers 1 --channels 32 --heads 2 --batch 2 --seq 16 --total-batch 64 "
                     "--lr 1e-2 --sample-every 0 --eval-every 3 --eval-batches 1 --ckpt-every 3 --keep 3 --steps 6";
 
-bool have_train_binary() { return access(train_bin().c_str(), X_OK) == 0; }
+bool have_train_binary() { return access(train_binary().c_str(), X_OK) == 0; }
 
 }  // namespace
 
 TEST(DataParallel, TrainTwoRanksResumesBitExactAndRefusesAnotherWorld) {
-    if (!have_train_binary()) GTEST_SKIP() << train_bin() << " not built";
-    const std::string root = temp_dir(), data = make_data(root);
+    if (!have_train_binary()) GTEST_SKIP() << train_binary() << " not built";
+    const TempDir temp("gpt_dp_test");
+    const std::string root = temp.path, data = make_data(root);
     for (int zero : {0, 1}) {
         SCOPED_TRACE("zero " + std::to_string(zero));
         const std::string straight = root + "/straight" + std::to_string(zero), resumed = root + "/resumed" + std::to_string(zero);
         const std::string common = std::string(kTiny) + " --data " + data + " --zero " + std::to_string(zero) + " --nproc 2";
-        Result a = run_train(common + " --out " + straight, root);
-        ASSERT_EQ(a.code, 0) << a.out << a.err;
-        Result b = run_train(common + " --out " + resumed + " --stop-at 3", root);
-        ASSERT_EQ(b.code, 0) << b.out << b.err;
+        CommandResult a = run_train(common + " --out " + straight);
+        ASSERT_EQ(a.exit_code, 0) << a.out << a.err;
+        CommandResult b = run_train(common + " --out " + resumed + " --stop-at 3");
+        ASSERT_EQ(b.exit_code, 0) << b.out << b.err;
         if (zero == 1) {
             EXPECT_EQ(access((resumed + "/ckpt_00000003/optim_rank0.bin").c_str(), F_OK), 0);
             EXPECT_EQ(access((resumed + "/ckpt_00000003/optim_rank1.bin").c_str(), F_OK), 0);
         }
-        Result c = run_train(common + " --out " + resumed + " --resume", root);
-        ASSERT_EQ(c.code, 0) << c.out << c.err;
+        CommandResult c = run_train(common + " --out " + resumed + " --resume");
+        ASSERT_EQ(c.exit_code, 0) << c.out << c.err;
         auto la = logged_losses(straight + "/log.jsonl"), lc = logged_losses(resumed + "/log.jsonl");
         ASSERT_EQ(la.size(), 6u);
         EXPECT_EQ(la, lc);
         EXPECT_EQ(read_file(straight + "/ckpt_00000006/model.bin", "model"), read_file(resumed + "/ckpt_00000006/model.bin", "model"));
         // another world size is refused with a clear message
-        Result d = run_train(std::string(kTiny) + " --data " + data + " --zero " + std::to_string(zero) + " --nproc 1 --steps 8 --out " +
-                                 resumed + " --resume", root);
-        EXPECT_NE(d.code, 0);
+        CommandResult d = run_train(std::string(kTiny) + " --data " + data + " --zero " + std::to_string(zero) +
+                                    " --nproc 1 --steps 8 --out " + resumed + " --resume");
+        EXPECT_NE(d.exit_code, 0);
         EXPECT_NE(d.err.find("written by 2 ranks"), std::string::npos) << d.err;
     }
     // one rank with the same total batch follows the same trajectory (up to summation order)
     const std::string one = root + "/one";
-    Result e = run_train(std::string(kTiny) + " --data " + data + " --out " + one, root);
-    ASSERT_EQ(e.code, 0) << e.out << e.err;
+    CommandResult e = run_train(std::string(kTiny) + " --data " + data + " --out " + one);
+    ASSERT_EQ(e.exit_code, 0) << e.out << e.err;
     auto l1 = logged_losses(one + "/log.jsonl"), l2 = logged_losses(root + "/straight0/log.jsonl");
     ASSERT_EQ(l1.size(), l2.size());
     for (auto& [step, text] : l1) EXPECT_NEAR(std::atof(text.c_str()), std::atof(l2[step].c_str()), 1e-4) << "step " << step;
-    std::filesystem::remove_all(root);
 }
 
 TEST(DataParallel, TrainRankFailureStopsEveryRank) {
-    if (!have_train_binary()) GTEST_SKIP() << train_bin() << " not built";
-    const std::string root = temp_dir(), data = make_data(root);
+    if (!have_train_binary()) GTEST_SKIP() << train_binary() << " not built";
+    const TempDir temp("gpt_dp_test");
+    const std::string root = temp.path, data = make_data(root);
     // a total batch that 2 ranks cannot split: every rank refuses, with the arithmetic
-    Result a = run_train(std::string(kTiny) + " --data " + data + " --total-batch 96 --nproc 2 --out " + root + "/a", root);
-    EXPECT_NE(a.code, 0);
+    CommandResult a = run_train(std::string(kTiny) + " --data " + data + " --total-batch 96 --nproc 2 --out " + root + "/a");
+    EXPECT_NE(a.exit_code, 0);
     EXPECT_NE(a.err.find("--total-batch 96"), std::string::npos) << a.err;
     // rank 0 started alone (torchrun-style environment): it gives up after --comm-timeout, naming rank 1
     const std::string env0 = "RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 GPT_RUN_ID=dp_test_" + std::to_string(getpid()) + " ";
     const auto start = std::chrono::steady_clock::now();
-    int status = std::system((env0 + train_bin() + " " + kTiny + " --data " + data + " --comm-timeout 1 --out " + root +
-                              "/b >/dev/null 2>" + root + "/b.err").c_str());
-    EXPECT_NE(status, 0);
-    std::string err = read_file(root + "/b.err", "stderr");
+    const CommandResult b =
+        run_command(env0 + train_binary() + " " + kTiny + " --data " + data + " --comm-timeout 1 --out " + root + "/b");
+    EXPECT_NE(b.exit_code, 0);
+    const std::string& err = b.err;
     EXPECT_NE(err.find("rank(s) 1 did not reach barrier"), std::string::npos) << err;
     EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 20.0);
     // two ranks launched with different options: both refuse, naming the rank that differs
     const std::string run = "GPT_RUN_ID=dp_test2_" + std::to_string(getpid()) + " WORLD_SIZE=2 ";
-    const std::string cmd = "(" + run + "RANK=0 LOCAL_RANK=0 " + train_bin() + " " + kTiny + " --data " + data + " --out " + root +
-                            "/c --comm-timeout 20 --lr 1e-2 >/dev/null 2>" + root + "/c0.err & " + run + "RANK=1 LOCAL_RANK=1 " + train_bin() + " " +
+    const std::string cmd = "(" + run + "RANK=0 LOCAL_RANK=0 " + train_binary() + " " + kTiny + " --data " + data + " --out " + root +
+                            "/c --comm-timeout 20 --lr 1e-2 >/dev/null 2>" + root + "/c0.err & " + run + "RANK=1 LOCAL_RANK=1 " + train_binary() + " " +
                             kTiny + " --data " + data + " --out " + root + "/c --comm-timeout 20 --lr 2e-2 >/dev/null 2>" + root + "/c1.err; wait)";
     std::system(cmd.c_str());
     for (const char* f : {"/c0.err", "/c1.err"}) {
         std::string e = read_file(root + f, "stderr");
         EXPECT_NE(e.find("options (or the checkpoint resumed) differ across ranks: rank(s) 1 disagree with rank 0"), std::string::npos) << e;
     }
-    std::filesystem::remove_all(root);
 }

@@ -20,23 +20,13 @@
 #include "check.h"
 #include "data/dataloader.h"
 #include "data/shard.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
 constexpr int kVocab = 50257;
-
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char name[] = "/tmp/test_dataloader_XXXXXX";
-        if (!mkdtemp(name)) throw std::runtime_error("mkdtemp failed");
-        path = name;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
 
 // Shards of the given sizes whose tokens are distinct random ids, so a row's first token tells
 // which shard and position it came from.
@@ -100,18 +90,6 @@ std::vector<int64_t> take_batches(DataLoader& loader, const Corpus& corpus, int 
         ids.insert(ids.end(), batch.begin(), batch.end());
     }
     return ids;
-}
-
-template <typename Fn>
-void expect_error_containing(Fn fn, const std::vector<std::string>& needles) {
-    try {
-        fn();
-        ADD_FAILURE() << "no Error thrown";
-    } catch (const Error& e) {
-        std::string msg = e.what();
-        for (const std::string& needle : needles)
-            EXPECT_NE(msg.find(needle), std::string::npos) << "message lacks '" << needle << "': " << msg;
-    }
 }
 
 }  // namespace

@@ -12,46 +12,17 @@
 
 #include "check.h"
 #include "fileio.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 
 namespace {
-
-// A fresh folder under /tmp (mkdtemp), removed with everything in it at the end of the test.
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char name[] = "/tmp/test_fileio_XXXXXX";
-        if (!mkdtemp(name)) throw std::runtime_error("mkdtemp failed");
-        path = name;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
 
 std::string random_bytes(size_t n, uint32_t seed) {
     std::mt19937 gen(seed);
     std::string s(n, '\0');
     for (char& c : s) c = (char)(gen() & 0xFF);
     return s;
-}
-
-std::vector<std::string> names_in(const std::string& dir) {
-    std::vector<std::string> names;
-    for (auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-    std::sort(names.begin(), names.end());
-    return names;
-}
-
-// Expects `fn` to throw Error whose message contains `needle`.
-template <typename Fn>
-void expect_error_containing(Fn fn, const std::string& needle) {
-    try {
-        fn();
-        ADD_FAILURE() << "no Error thrown; expected one mentioning '" << needle << "'";
-    } catch (const Error& e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
-    }
 }
 
 void write_checkpoint(const std::string& out, int64_t step, const std::string& payload) {
@@ -77,15 +48,15 @@ TEST(FileIO, AtomicWriteReplacesContentAndLeavesNoTemporary) {
 TEST(FileIO, FailedWriteNamesPathAndLeavesNothing) {
     TempDir dir;
     std::string path = dir / "missing_folder/file.bin";
-    expect_error_containing([&] { write_file_atomic(path, "abc"); }, path);
+    expect_error_containing([&] { write_file_atomic(path, "abc"); }, {path});
     EXPECT_TRUE(names_in(dir.path).empty());
 }
 
 TEST(FileIO, ReadMissingFileNamesItAndWhatItIs) {
     TempDir dir;
     std::string path = dir / "nope.json";
-    expect_error_containing([&] { read_file(path, "vocab file"); }, "vocab file " + path);
-    expect_error_containing([&] { read_file(dir.path, "vocab file"); }, "folder");
+    expect_error_containing([&] { read_file(path, "vocab file"); }, {"vocab file " + path});
+    expect_error_containing([&] { read_file(dir.path, "vocab file"); }, {"folder"});
 }
 
 TEST(FileIO, EnsureWritableDirCreatesNestedFolders) {
@@ -100,9 +71,9 @@ TEST(FileIO, UnwritableDirUnderRegularFileErrors) {
     TempDir dir;
     write_file_atomic(dir / "plain", "x");
     std::string bad = dir / "plain/sub";
-    expect_error_containing([&] { ensure_writable_dir(bad, "output folder"); }, "cannot write to output folder " + bad);
-    expect_error_containing([&] { ensure_writable_dir(bad, "output folder"); }, "pass another --out");
-    expect_error_containing([&] { begin_checkpoint(bad, 1); }, bad);
+    expect_error_containing([&] { ensure_writable_dir(bad, "output folder"); }, {"cannot write to output folder " + bad});
+    expect_error_containing([&] { ensure_writable_dir(bad, "output folder"); }, {"pass another --out"});
+    expect_error_containing([&] { begin_checkpoint(bad, 1); }, {bad});
 }
 
 TEST(FileIO, CheckpointCommitListAndLatest) {

@@ -13,21 +13,11 @@
 #include "check.h"
 #include "data/shard.h"
 #include "fileio.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char name[] = "/tmp/test_shard_XXXXXX";
-        if (!mkdtemp(name)) throw std::runtime_error("mkdtemp failed");
-        path = name;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
 
 std::vector<uint16_t> random_tokens(size_t n, int vocab, uint32_t seed) {
     std::mt19937 gen(seed);
@@ -44,17 +34,11 @@ std::string shard_bytes(int32_t magic, int32_t version, int32_t count, size_t ac
     return bytes;
 }
 
+// Expects fn() to throw Error with a one-line message containing every one of `needles`.
 template <typename Fn>
-void expect_error_containing(Fn fn, const std::vector<std::string>& needles) {
-    try {
-        fn();
-        ADD_FAILURE() << "no Error thrown";
-    } catch (const Error& e) {
-        std::string msg = e.what();
-        EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
-        for (const std::string& needle : needles)
-            EXPECT_NE(msg.find(needle), std::string::npos) << "message lacks '" << needle << "': " << msg;
-    }
+void expect_one_line_error(Fn fn, const std::vector<std::string>& needles) {
+    const std::string msg = expect_error_containing(fn, needles);
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
 }
 
 }  // namespace
@@ -88,29 +72,29 @@ TEST(Shard, RoundTripRandomTokens) {
 TEST(Shard, MissingFile) {
     TempDir dir;
     std::string path = dir / "absent.bin";
-    expect_error_containing([&] { read_shard(path); }, {path, "No such file"});
-    expect_error_containing([&] { peek_shard(path); }, {path});
+    expect_one_line_error([&] { read_shard(path); }, {path, "No such file"});
+    expect_one_line_error([&] { peek_shard(path); }, {path});
 }
 
 TEST(Shard, ShorterThanHeader) {
     TempDir dir;
     std::string path = dir / "short.bin";
     write_file_atomic(path, shard_bytes(kShardMagic, 1, 0, 0).substr(0, 100 + std::random_device{}() % 900));
-    expect_error_containing([&] { read_shard(path); }, {path, "shorter than its 1024-byte header"});
+    expect_one_line_error([&] { read_shard(path); }, {path, "shorter than its 1024-byte header"});
 }
 
 TEST(Shard, WrongMagic) {
     TempDir dir;
     std::string path = dir / "magic.bin";
     write_file_atomic(path, shard_bytes(20240326, 1, 10, 10));  // llm.c's model-file magic
-    expect_error_containing([&] { read_shard(path); }, {path, "not a token shard: magic 20240326, expected 20240520"});
+    expect_one_line_error([&] { read_shard(path); }, {path, "not a token shard: magic 20240326, expected 20240520"});
 }
 
 TEST(Shard, WrongVersion) {
     TempDir dir;
     std::string path = dir / "version.bin";
     write_file_atomic(path, shard_bytes(kShardMagic, 2, 10, 10));
-    expect_error_containing([&] { peek_shard(path); }, {path, "version 2, expected 1"});
+    expect_one_line_error([&] { peek_shard(path); }, {path, "version 2, expected 1"});
 }
 
 TEST(Shard, Truncated) {
@@ -119,9 +103,9 @@ TEST(Shard, Truncated) {
     write_shard(path, random_tokens(500, 50257, std::random_device{}()));
     std::string bytes = read_file(path, "shard");
     write_file_atomic(path, bytes.substr(0, bytes.size() - 3));
-    expect_error_containing([&] { read_shard(path); }, {path, "truncated", "500 tokens"});
+    expect_one_line_error([&] { read_shard(path); }, {path, "truncated", "500 tokens"});
     write_file_atomic(path, bytes + "xy");  // trailing bytes are corruption too
-    expect_error_containing([&] { peek_shard(path); }, {path, "2 bytes after"});
+    expect_one_line_error([&] { peek_shard(path); }, {path, "2 bytes after"});
 }
 
 TEST(Shard, TokenOutOfRange) {
@@ -134,7 +118,7 @@ TEST(Shard, TokenOutOfRange) {
     std::string path = dir / "tok.bin";
     write_shard(path, tokens);
     auto read = read_shard(path);
-    expect_error_containing([&] { check_tokens(path, read, 50257); },
+    expect_one_line_error([&] { check_tokens(path, read, 50257); },
                             {path, "token id 60000 at position " + std::to_string(bad_pos) + " >= vocab size 50257",
                              "another tokenizer"});
     tokens[bad_pos] = 50256;

@@ -4,45 +4,17 @@
 // `make test` before the suite; TRAIN_BIN overrides its path).
 #define GTEST_DONT_DEFINE_FAIL 1
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <cstdlib>
-#include <fstream>
 #include <map>
 #include <random>
-#include <sstream>
 #include <string>
 
 #include "data/shard.h"
 #include "fileio.h"
+#include "test_util.h"
 
 namespace {
-
-std::string train_bin() {
-    const char* b = std::getenv("TRAIN_BIN");
-    return b ? b : "build/train";
-}
-
-std::string make_temp_dir() {
-    char tmpl[] = "/tmp/gpt_train_test_XXXXXX";
-    return mkdtemp(tmpl);
-}
-
-struct Result { int code; std::string out, err; };
-
-Result run_train(const std::string& args, const std::string& dir) {
-    std::string cmd = train_bin() + " " + args + " >" + dir + "/stdout.txt 2>" + dir + "/stderr.txt";
-    int status = std::system(cmd.c_str());
-    Result r;
-    r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    std::ifstream o(dir + "/stdout.txt"), e(dir + "/stderr.txt");
-    std::stringstream so, se;
-    so << o.rdbuf();
-    se << e.rdbuf();
-    r.out = so.str();
-    r.err = se.str();
-    return r;
-}
 
 // Random token shards: train (2 shards) and val, drawn from 100 ids so a model learns quickly.
 std::string make_data(const std::string& root, std::mt19937& gen) {
@@ -60,38 +32,24 @@ std::string make_data(const std::string& root, std::mt19937& gen) {
 const char* kSmall = "--device cpu --model tiny --layers 1 --channels 32 --heads 2 --batch 2 --seq 16 "
                      "--total-batch 64 --lr 1e-2 --sample-every 0 --eval-every 5 --eval-batches 2 --ckpt-every 5 --keep 2";
 
-// step -> loss text, as logged
-std::map<int, std::string> losses(const std::string& log) {
-    std::map<int, std::string> m;
-    std::ifstream in(log);
-    std::string line;
-    while (std::getline(in, line)) {
-        auto s = line.find("\"loss\":");
-        auto st = line.find("\"step\":");
-        if (s == std::string::npos || st == std::string::npos) continue;
-        int step = std::atoi(line.c_str() + st + 7);
-        m[step] = line.substr(s + 7, line.find_first_of(",}", s) - s - 7);
-    }
-    return m;
-}
-
 }  // namespace
 
 TEST(TrainProgram, ResumeIsBitExact) {
     std::mt19937 gen(std::random_device{}());
-    std::string root = make_temp_dir(), data = make_data(root, gen);
+    const TempDir temp("gpt_train_test");
+    const std::string root = temp.path, data = make_data(root, gen);
     std::string common = std::string(kSmall) + " --steps 20 --data " + data + " --seed " + std::to_string(gen() % 100000);
-    Result a = run_train(common + " --out " + root + "/a", root);
-    ASSERT_EQ(a.code, 0) << a.out << a.err;
-    Result b1 = run_train(common + " --stop-at 10 --out " + root + "/b", root);
-    ASSERT_EQ(b1.code, 0) << b1.out << b1.err;
+    CommandResult a = run_train(common + " --out " + root + "/a");
+    ASSERT_EQ(a.exit_code, 0) << a.out << a.err;
+    CommandResult b1 = run_train(common + " --stop-at 10 --out " + root + "/b");
+    ASSERT_EQ(b1.exit_code, 0) << b1.out << b1.err;
     // a crash in the middle of writing a later checkpoint leaves a tmp folder: it must be ignored
     ensure_writable_dir(root + "/b/.ckpt_00000015.tmp", "fake partial checkpoint");
-    Result b2 = run_train(common + " --resume --out " + root + "/b", root);
-    ASSERT_EQ(b2.code, 0) << b2.out << b2.err;
+    CommandResult b2 = run_train(common + " --resume --out " + root + "/b");
+    ASSERT_EQ(b2.exit_code, 0) << b2.out << b2.err;
     EXPECT_NE(b2.out.find("resuming"), std::string::npos) << b2.out;
 
-    auto la = losses(root + "/a/log.jsonl"), lb = losses(root + "/b/log.jsonl");
+    auto la = logged_losses(root + "/a/log.jsonl"), lb = logged_losses(root + "/b/log.jsonl");
     ASSERT_EQ(la.size(), 20u);
     EXPECT_EQ(la, lb);
     std::string wa = read_file(checkpoint_dir(root + "/a", 20) + "/model.bin", "model");
@@ -102,16 +60,16 @@ TEST(TrainProgram, ResumeIsBitExact) {
     EXPECT_EQ(list_complete_checkpoints(root + "/b").size(), 2u) << "--keep 2";
     // the loss fell from ln(50257) towards ln(100)
     EXPECT_LT(std::stod(la[20]), std::stod(la[1]) - 0.5);
-    std::system(("rm -rf " + root).c_str());
 }
 
 TEST(TrainProgram, BadInputsFailWithOneClearLine) {
     std::mt19937 gen(std::random_device{}());
-    std::string root = make_temp_dir(), data = make_data(root, gen);
+    const TempDir temp("gpt_train_test");
+    const std::string root = temp.path, data = make_data(root, gen);
     std::string base = std::string(kSmall) + " --steps 2 --data " + data + " --out " + root + "/out";
     auto expect_error = [&](const std::string& args, const std::string& words) {
-        Result r = run_train(args, root);
-        EXPECT_NE(r.code, 0) << args;
+        CommandResult r = run_train(args);
+        EXPECT_NE(r.exit_code, 0) << args;
         EXPECT_NE(r.err.find("error: "), std::string::npos) << args << "\n" << r.err;
         EXPECT_NE(r.err.find(words), std::string::npos) << args << "\nstderr: " << r.err;
         // one line: the error line (a leading blank line ends a status line)
@@ -142,13 +100,12 @@ TEST(TrainProgram, BadInputsFailWithOneClearLine) {
     expect_error(std::string(kSmall) + " --data " + bad + " --out " + root + "/o2", "train_000000.bin");
 
     // resuming with options that contradict the checkpoint; a truncated checkpoint
-    Result ok = run_train(base, root);
-    ASSERT_EQ(ok.code, 0) << ok.err;
+    CommandResult ok = run_train(base);
+    ASSERT_EQ(ok.exit_code, 0) << ok.err;
     expect_error(base + " --resume --attention local", "contradicts");
     expect_error(base + " --resume --lr 0.5", "contradicts");
     std::string model = checkpoint_dir(root + "/out", 2) + "/model.bin";
     std::string bytes = read_file(model, "model");
     write_file_atomic(model, bytes.substr(0, bytes.size() / 2));
     expect_error(base + " --resume --steps 4", "truncated");
-    std::system(("rm -rf " + root).c_str());
 }
