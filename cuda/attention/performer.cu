@@ -8,8 +8,9 @@
 //
 // Per (b, h) the keys are cut into chunks of kChunk = 64 positions (the CPU's kPerformerChunk).
 // Every step below is a small batched fp32 GEMM (block_gemm: 64×64 output tile per 256-thread
-// block, fp32 FMA, operands read through loaders that compute features on the fly); all sums run
-// in a fixed order, no atomics: forward and backward are bitwise deterministic.
+// block, on the tensor cores with fp32 accuracy (3xTF32), operands read through loaders that
+// compute features on the fly); all sums run in a fixed order, no atomics: forward and backward
+// are bitwise deterministic.
 //   forward   1. logits a = x̃·Ωᵀ − ‖x̃‖²/2 of q and k            -> workspace (B,H,T,m)
 //             2. cq (row max), ck (running max)                   -> saved
 //             3. per chunk c: U_c = Σ_{j∈c} exp(ck_j − ck_last(c))·φk_j·[v_j|1]ᵀ   (m × (d+1))
@@ -112,65 +113,123 @@ WorkLayout work_layout(const AttnShape& s, int m) {
 }
 
 // ---------------------------------------------------------------- the block GEMM
-// acc (this thread's 4 × 4 of the block's 64 × 64 tile) += Σ_{k in [k_begin, k_end)} A(i,k)·B(k,j).
-// Thread (ty, tx) = (tid/16, tid%16) owns rows ty + 16r and columns tx + 16c, r, c < 4.
+// acc (this thread's 16 entries of the block's 64 × 64 tile) += Σ_{k in [k_begin, k_end)} A(i,k)·B(k,j).
 // load_a(i, k) and load_b(k, j) return the operands (0 outside the matrices); they are called
 // with k < k_end only. kAKFast / kBKFast: consecutive threads load consecutive k (operand stored
-// with k contiguous) rather than consecutive i / j. Ends with __syncthreads.
+// with k contiguous) rather than consecutive i / j. Ends with __syncthreads. The operands of a
+// 16-deep k slab are staged in shared memory (the next slab is loaded into registers while the
+// current one is multiplied) and multiplied on the tensor cores with fp32 accuracy ("3xTF32"):
+// every operand x is split into x_hi = tf32(x) and x_lo = tf32(x − x_hi) (x − x_hi is exact in
+// fp32, so x_hi + x_lo carries 22 of fp32's 24 significant bits), and A·B = A_lo·B_hi + A_hi·B_lo
+// + A_hi·B_hi, each term an mma.sync m16n8k8 with fp32 accumulation (the dropped A_lo·B_lo is
+// ~2^-22 relative). Deterministic: a fixed sequence of mma per output element.
+// Warp w (of 8) owns rows 16·(w%4) + [0, 16) and columns 32·(w/4) + [0, 32) as four m16n8 tiles;
+// with g = lane/4, t = lane%4, acc.v[nt][q] is element (16·(w%4) + g + 8·(q/2), 32·(w/4) + 8·nt + 2t + q%2)
+// (the PTX m16n8k8 accumulator layout: c0, c1 at row g, columns 2t, 2t+1; c2, c3 at row g + 8).
+// Shared rows are padded by 8 floats: the fragment reads (lane 4g + t reads k = t, i = g) hit 32
+// distinct banks.
 struct GemmSmem {
-    float a[kBK][kTile + 4];
-    float b[kBK][kTile + 4];
+    float a[kBK][kTile + 8];  // a[k][i] = A(i, k0 + k)
+    float b[kBK][kTile + 8];  // b[k][j] = B(k0 + k, j)
 };
 
-template <bool kAKFast, bool kBKFast, typename LoadA, typename LoadB>
-__device__ __forceinline__ void block_gemm(float (&acc)[4][4], GemmSmem& sm, int k_begin, int k_end,
-                                           LoadA load_a, LoadB load_b) {
-    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    for (int k0 = k_begin; k0 < k_end; k0 += kBK) {
-#pragma unroll
-        for (int it = 0; it < kBK * kTile / kThreads; it++) {
-            const int e = tid + it * kThreads;
-            const int kk = kAKFast ? e % kBK : e / kTile, i = kAKFast ? e / kBK : e % kTile;
-            sm.a[kk][i] = k0 + kk < k_end ? load_a(i, k0 + kk) : 0.f;
-        }
-#pragma unroll
-        for (int it = 0; it < kBK * kTile / kThreads; it++) {
-            const int e = tid + it * kThreads;
-            const int kk = kBKFast ? e % kBK : e / kTile, j = kBKFast ? e / kBK : e % kTile;
-            sm.b[kk][j] = k0 + kk < k_end ? load_b(k0 + kk, j) : 0.f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kBK; kk++) {
-            float a[4], b[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++) a[r] = sm.a[kk][ty + 16 * r];
-#pragma unroll
-            for (int c = 0; c < 4; c++) b[c] = sm.b[kk][tx + 16 * c];
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
-        }
-        __syncthreads();
-    }
-}
+struct TcAcc {
+    float v[4][4];
+};
 
-__device__ __forceinline__ void zero(float (&acc)[4][4]) {
+__device__ __forceinline__ void zero(TcAcc& acc) {
 #pragma unroll
-    for (int r = 0; r < 4; r++)
+    for (int nt = 0; nt < 4; nt++)
 #pragma unroll
-        for (int c = 0; c < 4; c++) acc[r][c] = 0.f;
+        for (int q = 0; q < 4; q++) acc.v[nt][q] = 0.f;
 }
 
 // Calls fn(i, j, value) for this thread's 16 entries of the tile.
 template <typename Fn>
-__device__ __forceinline__ void for_tile(const float (&acc)[4][4], Fn fn) {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+__device__ __forceinline__ void for_tile(const TcAcc& acc, Fn fn) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row = 16 * (warp % 4) + g, col = 32 * (warp / 4) + 2 * t;
 #pragma unroll
-    for (int r = 0; r < 4; r++)
+    for (int nt = 0; nt < 4; nt++)
 #pragma unroll
-        for (int c = 0; c < 4; c++) fn(ty + 16 * r, tx + 16 * c, acc[r][c]);
+        for (int q = 0; q < 4; q++) fn(row + 8 * (q / 2), col + 8 * nt + q % 2, acc.v[nt][q]);
+}
+
+// x rounded to tf32 (10 mantissa bits, ties away from zero): fp32 bits with the low 13 bits zero.
+__device__ __forceinline__ uint32_t round_tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+
+// x = hi + lo (+ ~2^-22·|x|), both tf32.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+    hi = round_tf32(x);
+    lo = round_tf32(x - __uint_as_float(hi));
+}
+
+// d += a·b for one m16n8k8 tile (PTX fragment layouts, g = lane/4, t = lane%4: a0 (g, t),
+// a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); b0 (k = t, n = g), b1 (k = t+4, n = g)).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <bool kAKFast, bool kBKFast, typename LoadA, typename LoadB>
+__device__ __forceinline__ void block_gemm(TcAcc& acc, GemmSmem& sm, int k_begin, int k_end, LoadA load_a,
+                                           LoadB load_b) {
+    constexpr int kPerThread = kBK * kTile / kThreads;  // operand elements each thread stages per slab
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int row = 16 * (warp % 4) + g, col = 32 * (warp / 4) + g;
+    float next_a[kPerThread], next_b[kPerThread];
+    auto fetch = [&](int k0) {  // the slab [k0, k0 + kBK) into registers
+#pragma unroll
+        for (int it = 0; it < kPerThread; it++) {
+            const int e = tid + it * kThreads;
+            const int kk = kAKFast ? e % kBK : e / kTile, i = kAKFast ? e / kBK : e % kTile;
+            next_a[it] = k0 + kk < k_end ? load_a(i, k0 + kk) : 0.f;
+        }
+#pragma unroll
+        for (int it = 0; it < kPerThread; it++) {
+            const int e = tid + it * kThreads;
+            const int kk = kBKFast ? e % kBK : e / kTile, j = kBKFast ? e / kBK : e % kTile;
+            next_b[it] = k0 + kk < k_end ? load_b(k0 + kk, j) : 0.f;
+        }
+    };
+    if (k_begin < k_end) fetch(k_begin);
+    for (int k0 = k_begin; k0 < k_end; k0 += kBK) {
+#pragma unroll
+        for (int it = 0; it < kPerThread; it++) {
+            const int e = tid + it * kThreads;
+            const int kk = kAKFast ? e % kBK : e / kTile, i = kAKFast ? e / kBK : e % kTile;
+            sm.a[kk][i] = next_a[it];
+        }
+#pragma unroll
+        for (int it = 0; it < kPerThread; it++) {
+            const int e = tid + it * kThreads;
+            const int kk = kBKFast ? e % kBK : e / kTile, j = kBKFast ? e / kBK : e % kTile;
+            sm.b[kk][j] = next_b[it];
+        }
+        __syncthreads();
+        if (k0 + kBK < k_end) fetch(k0 + kBK);
+#pragma unroll
+        for (int k8 = 0; k8 < kBK; k8 += 8) {
+            uint32_t a_hi[4], a_lo[4];
+            split_tf32(sm.a[k8 + t][row], a_hi[0], a_lo[0]);
+            split_tf32(sm.a[k8 + t][row + 8], a_hi[1], a_lo[1]);
+            split_tf32(sm.a[k8 + t + 4][row], a_hi[2], a_lo[2]);
+            split_tf32(sm.a[k8 + t + 4][row + 8], a_hi[3], a_lo[3]);
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                uint32_t b_hi[2], b_lo[2];
+                split_tf32(sm.b[k8 + t][col + 8 * nt], b_hi[0], b_lo[0]);
+                split_tf32(sm.b[k8 + t + 4][col + 8 * nt], b_hi[1], b_lo[1]);
+                mma_tf32(acc.v[nt], a_lo, b_hi);
+                mma_tf32(acc.v[nt], a_hi, b_lo);
+                mma_tf32(acc.v[nt], a_hi, b_hi);
+            }
+        }
+        __syncthreads();
+    }
 }
 
 // Key stabiliser at the last position of chunk c.
@@ -210,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
             if (lane == 0) half_norm2[i] = 0.5f * sum;
         }
         __syncthreads();
-        float acc[4][4];
+        TcAcc acc;
         zero(acc);
         block_gemm<true, true>(
             acc, sm, 0, D.d,
@@ -297,7 +356,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* a = logits + row0 * D.m;
     const Tin* v = head_slice<const Tin>(V, b, h);
     const float* g = g_rows + row0 * (D.d + 1);
-    float acc[4][4];
+    TcAcc acc;
     zero(acc);
     block_gemm<false, false>(
         acc, sm, 0, min(kChunk, D.T - t0),
@@ -368,13 +427,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float* q_logits = aq + row0 * D.m;
     const float* k_logits = ak + row0 * D.m;
     const size_t tile = ((size_t)bh * D.nc + c) * kChunk * kChunk;
-    auto store = [&](float* dst, const float (&acc)[4][4]) {
+    auto store = [&](float* dst, const TcAcc& acc) {
         for_tile(acc, [&](int i, int j, float val) {
             const bool live = j <= i && t0 + i < D.T;
             dst[tile + i * kChunk + j] = live ? val * expf(s_ck[j] - s_ck[i]) : 0.f;
         });
     };
-    float acc[4][4];
+    TcAcc acc;
     zero(acc);
     block_gemm<true, true>(
         acc, sm, 0, D.m,
@@ -425,7 +484,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* S = state_s + ((size_t)bh * D.nc + c) * D.m * (D.d + 1);
     const float* W = score_w + ((size_t)bh * D.nc + c) * kChunk * kChunk;
     const Tin* v = head_slice<const Tin>(V, b, h);
-    float acc[4][4];
+    TcAcc acc;
     zero(acc);
     block_gemm<true, false>(
         acc, sm, c > 0 ? 0 : D.m, D.m + kChunk,
@@ -496,7 +555,7 @@ __global__ void __launch_bounds__(kThreads)
 //   dφk_j = Σ_i M_ij·φq_i + ρ_j·G_c·[v_j|1]       (K = 64, then d+1, absent for the last chunk)
 // Grid (ceil(m/64), nc, B·H).
 template <typename Tin>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     dphi_kernel(Dims D, const float* __restrict__ aq, const float* __restrict__ ak,
                 const float* __restrict__ cq, const float* __restrict__ ck, Strided V,
                 const float* __restrict__ g_rows, const float* __restrict__ state_s,
@@ -526,7 +585,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* G = state_g + ((size_t)bh * D.nc + c) * D.m * dc;
     const float* M = score_m + ((size_t)bh * D.nc + c) * kChunk * kChunk;
     const Tin* v = head_slice<const Tin>(V, b, h);
-    float acc[4][4];
+    TcAcc acc;
 
     // dφq: K = [0, d+1) state part, [d+1, d+1+64) chunk part
     zero(acc);
@@ -602,7 +661,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float* g = g_rows + row0 * dc;
     const float* G = state_g + ((size_t)bh * D.nc + c) * D.m * dc;
     const float* W = score_w + ((size_t)bh * D.nc + c) * kChunk * kChunk;
-    float acc[4][4];
+    TcAcc acc;
     zero(acc);
     block_gemm<false, false>(
         acc, sm, 0, c + 1 < D.nc ? kChunk + D.m : kChunk,
@@ -627,7 +686,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Through the feature map, for q and k: dx_i = d^(-1/4)·(Σ_f da_i,f·Ω[f] − x̃_i·Σ_f da_i,f).
 // Grid (ceil(d/64), nc, B·H).
 template <typename Tin>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     feature_grad_kernel(Dims D, const float* __restrict__ omega, const float* __restrict__ daq,
                         const float* __restrict__ dak, Strided Q, Strided K, Strided dQ, Strided dK) {
     __shared__ GemmSmem sm;
@@ -647,7 +706,7 @@ __global__ void __launch_bounds__(kThreads)
             if (lane == 0) sum_da[i] = sum;
         }
         __syncthreads();
-        float acc[4][4];
+        TcAcc acc;
         zero(acc);
         block_gemm<true, false>(
             acc, sm, 0, D.m,

@@ -14,19 +14,21 @@
 // A⊗A⊗g (built like H, scanned backwards) give dC and dB; then through M (into the sketch
 // parameters and q̂, k̂) and the LayerNorms into q, k.
 //
-// Implementation (first version: fp32 FMAs, simple and correct, not tuned):
+// Implementation (fp32 throughout; deterministic: no float atomics, every sum in a fixed order):
 //   - every intermediate is fp32 in the workspace (q̂, k̂, rstd, A|B, C, G, block states, their
 //     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r²·(d+1)) floats, linear in T;
-//   - row kernels use one warp per row (dot products by warp reduction), the state kernels one
-//     thread per state element, looping over the rows of a block in order;
-//   - the learned sketch runs on groups of kSketchRows rows per block of 256 threads, with the
-//     activations in shared memory and the weights read from an fp32 copy (transposed for the
-//     forward, so reads are coalesced);
-//   - its parameter gradient is reduced deterministically: a fixed number of slots (blocks), slot
-//     s taking row groups s, s + slots, ... in order and accumulating into its own fp32 partial
-//     (no atomics), then an ordered sum of the partials into dparams (+=).
-// Every launch writes each element from one thread in a fixed order, so the backward is bitwise
-// deterministic. Storage dtypes float or bf16 (q, k, v, o, params in act dtype); dparams fp32.
+//   - row kernels use one warp per row (LayerNorms, the intra-block parts: dot products by warp
+//     reduction);
+//   - the block states are GEMMs per block with Φ_t = X_t⊗X_t (r² features per row, materialised
+//     for a run of blocks at a time): build H_l = Φ_lᵀ Y_l, apply Φ_l S_l, contract Y_l S_lᵀ, as
+//     cuBLAS strided-batched fp32 SGEMMs; the prefix/suffix over blocks is a sequential loop per
+//     element;
+//   - the learned sketch runs on chunks of rows as fp32 SGEMMs (rows × n_in → rows × 8r → rows × r)
+//     plus row-wise LayerNorm / elementwise GELU kernels; its parameter gradient is Xᵀ·dY GEMMs
+//     per slice of 256 rows into partials, summed in slice order into dparams (+=), chunk by chunk.
+// cuBLAS (one handle per Attention object, default stream, default math = full fp32, no TF32) is
+// bitwise reproducible run to run on one GPU model, so the backward is bitwise deterministic.
+// Storage dtypes float or bf16 (q, k, v, o, params in act dtype); dparams fp32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -47,9 +49,9 @@ namespace {
 
 constexpr float kLnEps = 1e-5f;
 constexpr int kWarps = 8;            // warps per block of the row-per-warp kernels
-constexpr int kSketchRows = 8;       // rows per group of the learned-sketch kernels (one per warp)
-constexpr int kSketchThreads = 256;  // threads of the learned-sketch kernels
-constexpr int kGradSlots = 64;       // partial sums of the sketch-parameter gradient
+constexpr int64_t kSketchChunkFloats = int64_t(1) << 26;  // chunk buffers of the learned sketch (256 MB)
+constexpr int kGradSliceRows = 256;  // rows per partial of the sketch-parameter gradient
+constexpr int64_t kPhiFloats = int64_t(1) << 25;  // Φ / V buffer of the state GEMMs (128 MB; at least one block)
 constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane)
 
 // A HeadTensor on the device: element (b, h, t, i) at ptr + b*sb + h*sh + t*st + i.
@@ -148,272 +150,154 @@ __global__ void ps_out_grad(float* G, Strided dO, Strided O, const float* den, D
 }
 
 // ============================================================================ the learned sketch
-// Parameters (fp32 copies in the workspace): `p` in the layout of polysketch_sketch.h, `pt` the
-// same with every Linear weight transposed ((in, out) row-major), read by the forward.
+// The sketch network runs on chunks of rows at a time as fp32 GEMMs (cuBLAS SGEMM, no TF32:
+// deterministic for a fixed GPU and toolkit) plus row-wise/elementwise kernels; the parameter
+// gradients are GEMMs over slices of the chunk's rows (Xᵀ·dY) and column sums (the LayerNorm
+// affines) into per-slice partials, summed in slice order into dparams (+=), chunk after chunk.
+// Parameters: `p` is an fp32 copy of params in the layout of polysketch_sketch.h (Linear weights
+// (out, in) row-major). Row-major chunk buffers, one row per sketch input row.
 template <typename T>
 __global__ void ps_params_to_f32(float* p, const T* src, int64_t n) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) p[i] = to_f32(src[i]);
 }
-// dst (cols, rows) = src (rows, cols)ᵀ
-__global__ void ps_transpose(float* dst, const float* src, int rows, int cols) {
+// part (slices, n): column sums of X (nc, n) over the row slices of kGradSliceRows rows, each
+// summed in row order. One block per slice, threads over columns.
+__global__ void ps_colsum_slices(float* part, const float* X, int n, int nc) {
+    const int row0 = blockIdx.x * kGradSliceRows;
+    const int row1 = min(row0 + kGradSliceRows, nc);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float s = 0.f;
+        for (int row = row0; row < row1; ++row) s += X[(int64_t)row * n + i];
+        part[(int64_t)blockIdx.x * n + i] = s;
+    }
+}
+// dst (count) += Σ_s part[s, :] in slice order
+__global__ void ps_reduce_slices(float* dst, const float* part, int slices, int64_t count) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (int64_t)rows * cols) return;
-    const int rr = (int)(i / cols), c = (int)(i % cols);
-    dst[(int64_t)c * rows + rr] = src[i];
+    if (i >= count) return;
+    float s = 0.f;
+    for (int k = 0; k < slices; ++k) s += part[(int64_t)k * count + i];
+    dst[i] += s;
 }
 
-// Shared-memory carve-up of one group of kSketchRows rows (floats). Activations per (f, g):
-// xhat (R, n_in), pre (R, hidden), out (R, r), rstd (R); scratch: the input x̂ rows, normed,
-// act, and the backward's gradients.
-struct SketchSmem {
-    int xin;                                        // (R, d)
-    int xhat[2][2], pre[2][2], out[2][2], rstd[2][2];
-    int tz;                                         // (R, r) tanh(f1 f2 / sqrt r)
-    int nrm, act, dh, dn, dy, df, dxf, dxacc;       // scratch
-    int total;
-    __host__ __device__ SketchSmem(int d, int r) {
-        const int R = kSketchRows, hid = 8 * r, maxn = d > r ? d : r;
-        int off = 0;
-        xin = off; off += R * d;
+// LayerNorm with affine of nc rows of n: xhat (nc, n), rstd (nc), nrm (nc, n) = xhat·w + b. One warp per row.
+__global__ void ps_sk_ln_fwd(float* xhat, float* rstd, float* nrm, const float* in, const float* ln_w,
+                             const float* ln_b, int n, int nc) {
+    const int64_t row = warp_row();
+    if (row >= nc) return;
+    const int lane = threadIdx.x % 32;
+    const float* x = in + row * n;
+    float sum = 0.f;
+    for (int i = lane; i < n; i += 32) sum += x[i];
+    const float mean = warp_sum(sum) / n;
+    float var = 0.f;
+    for (int i = lane; i < n; i += 32) var += (x[i] - mean) * (x[i] - mean);
+    var = warp_sum(var) / n;
+    const float rs = 1.f / sqrtf(var + kLnEps);
+    for (int i = lane; i < n; i += 32) {
+        const float xh = (x[i] - mean) * rs;
+        xhat[row * n + i] = xh;
+        nrm[row * n + i] = xh * ln_w[i] + ln_b[i];
+    }
+    if (lane == 0) rstd[row] = rs;
+}
+// nrm (nc, n) = xhat·w + b (recomputed by the backward)
+__global__ void ps_sk_affine(float* nrm, const float* xhat, const float* ln_w, const float* ln_b, int n, int64_t count) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= count) return;
+    const int i = (int)(idx % n);
+    nrm[idx] = xhat[idx] * ln_w[i] + ln_b[i];
+}
+// act = gelu(pre)
+__global__ void ps_sk_gelu(float* act, const float* pre, int64_t count) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx < count) act[idx] = gelu_f(pre[idx]);
+}
+// dh *= gelu'(pre)
+__global__ void ps_sk_gelu_bwd(float* dh, const float* pre, int64_t count) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx < count) dh[idx] *= gelu_grad_f(pre[idx]);
+}
+// tz = tanh(f1 f2 / sqrt r), m = sqrt(r) tz (nc, r); m may be null (the backward's recompute)
+__global__ void ps_sk_tanh(float* tz, float* m, const float* f1, const float* f2, int r, int64_t count) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= count) return;
+    const float sr = sqrtf((float)r);
+    const float z = tanhf(f1[idx] * f2[idx] / sr);
+    tz[idx] = z;
+    if (m) m[idx] = sr * z;
+}
+// dz = dm (1 − tz²): df1 = dz f2, df2 = dz f1
+__global__ void ps_sk_tanh_bwd(float* df1, float* df2, const float* dm, const float* tz, const float* f1,
+                               const float* f2, int64_t count) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= count) return;
+    const float t = tz[idx];
+    const float dz = dm[idx] * (1.f - t * t);
+    df1[idx] = dz * f2[idx];
+    df2[idx] = dz * f1[idx];
+}
+// LayerNorm-with-affine backward of nc rows of n, given dn = d(normed): prod = dn∘xhat (for dln_w),
+// din = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂∘x̂)) with dx̂ = dn∘w. One warp per row.
+__global__ void ps_sk_ln_bwd(float* din, float* prod, const float* dn, const float* xhat, const float* rstd,
+                             const float* ln_w, int n, int nc) {
+    const int64_t row = warp_row();
+    if (row >= nc) return;
+    const int lane = threadIdx.x % 32;
+    const float* g = dn + row * n;
+    const float* x = xhat + row * n;
+    float m1 = 0.f, m2 = 0.f;
+    for (int i = lane; i < n; i += 32) {
+        const float dx = g[i] * ln_w[i];
+        prod[row * n + i] = g[i] * x[i];
+        m1 += dx;
+        m2 += dx * x[i];
+    }
+    m1 = warp_sum(m1) / n;
+    m2 = warp_sum(m2) / n;
+    const float rs = rstd[row];
+    for (int i = lane; i < n; i += 32) din[row * n + i] = rs * (g[i] * ln_w[i] - m1 - x[i] * m2);
+}
+// dxh (count) += d1 + d2 (the two sketch branches' gradients, in the order of the old group code)
+__global__ void ps_sk_add2(float* dxh, const float* d1, const float* d2, int64_t count) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx < count) dxh[idx] += (0.f + d1[idx]) + d2[idx];
+}
+
+// Offsets (floats) of the chunk buffers of the learned sketch, nc rows.
+struct SketchChunk {
+    int64_t xhat[2][2], rstd[2][2], pre[2][2], out[2][2];
+    int64_t nrm, act, tz, df[2], dy, dh, dn, prod, dxf[2], part, total;
+    SketchChunk(int d, int r, int64_t nc) {
+        const int64_t hid = 8 * r, maxn = d > r ? d : r;
+        int64_t off = 0;
+        auto take = [&](int64_t n) { int64_t o = off; off += (n + 63) / 64 * 64; return o; };
         for (int f = 0; f < 2; f++)
             for (int g = 0; g < 2; g++) {
-                const int n_in = g == 0 ? d : r;
-                xhat[f][g] = off; off += R * n_in;
-                pre[f][g] = off; off += R * hid;
-                out[f][g] = off; off += R * r;
-                rstd[f][g] = off; off += R;
+                const int64_t n_in = g == 0 ? d : r;
+                xhat[f][g] = take(nc * n_in);
+                rstd[f][g] = take(nc);
+                pre[f][g] = take(nc * hid);
+                out[f][g] = take(nc * r);
             }
-        tz = off; off += R * r;
-        nrm = off; off += R * maxn;
-        act = off; off += R * hid;
-        dh = off; off += R * hid;
-        dn = off; off += R * maxn;
-        dy = off; off += R * r;
-        df = off; off += 2 * R * r;
-        dxf = off; off += R * d;
-        dxacc = off; off += R * d;
+        nrm = take(nc * maxn);
+        act = take(nc * hid);
+        tz = take(nc * r);
+        df[0] = take(nc * r);
+        df[1] = take(nc * r);
+        dy = take(nc * r);
+        dh = take(nc * hid);
+        dn = take(nc * maxn);
+        prod = take(nc * maxn);
+        dxf[0] = take(nc * d);
+        dxf[1] = take(nc * d);
+        // partial parameter gradients, one per slice of kGradSliceRows rows: the largest Linear weight
+        const int64_t slices = (nc + kGradSliceRows - 1) / kGradSliceRows;
+        part = take(slices * hid * maxn);
         total = off;
     }
 };
-
-// One block g forward on the group: in (R, n_in) smem -> xhat, pre, out, rstd. nrows valid rows.
-__device__ void sketch_block_fwd(const PolySketchLayout& L, const PolySketchLayout::Block& blk,
-                                 const float* p, const float* pt, const float* in, float* sm,
-                                 const SketchSmem& S, int f, int g, int nrows) {
-    const int n = blk.n_in, hid = L.hidden, r = L.r, R = kSketchRows;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float* xhat = sm + S.xhat[f][g];
-    float* pre = sm + S.pre[f][g];
-    float* out = sm + S.out[f][g];
-    float* rstd = sm + S.rstd[f][g];
-    float* nrm = sm + S.nrm;
-    float* act = sm + S.act;
-    const int maxn = L.d > r ? L.d : r;
-    // LayerNorm with affine: one warp per row
-    for (int row = warp; row < nrows; row += kSketchThreads / 32) {
-        const float* x = in + row * n;
-        float sum = 0.f;
-        for (int i = lane; i < n; i += 32) sum += x[i];
-        const float mean = warp_sum(sum) / n;
-        float var = 0.f;
-        for (int i = lane; i < n; i += 32) var += (x[i] - mean) * (x[i] - mean);
-        var = warp_sum(var) / n;
-        const float rs = 1.f / sqrtf(var + kLnEps);
-        for (int i = lane; i < n; i += 32) {
-            const float xh = (x[i] - mean) * rs;
-            xhat[row * n + i] = xh;
-            nrm[row * maxn + i] = xh * p[blk.ln_w + i] + p[blk.ln_b + i];
-        }
-        if (lane == 0) rstd[row] = rs;
-    }
-    __syncthreads();
-    // pre = W_in normed; act = gelu(pre)
-    const float* w_in_t = pt + blk.w_in;  // (n, hid)
-    for (int idx = threadIdx.x; idx < nrows * hid; idx += kSketchThreads) {
-        const int row = idx / hid, o = idx % hid;
-        const float* x = nrm + row * maxn;
-        float s = 0.f;
-        for (int i = 0; i < n; ++i) s += w_in_t[(int64_t)i * hid + o] * x[i];
-        pre[row * hid + o] = s;
-        act[row * hid + o] = gelu_f(s);
-    }
-    __syncthreads();
-    // out = W_out act
-    const float* w_out_t = pt + blk.w_out;  // (hid, r)
-    for (int idx = threadIdx.x; idx < nrows * r; idx += kSketchThreads) {
-        const int row = idx / r, o = idx % r;
-        const float* a = act + row * hid;
-        float s = 0.f;
-        for (int i = 0; i < hid; ++i) s += w_out_t[(int64_t)i * r + o] * a[i];
-        out[row * r + o] = s;
-    }
-    __syncthreads();
-    (void)R;
-}
-
-// The whole sketch forward of a group: x̂ rows already in sm + S.xin; fills every activation and
-// tz; m (if given, global (rows, r)) gets M(x̂) of the group's rows.
-__device__ void sketch_group_fwd(const PolySketchLayout& L, const float* p, const float* pt,
-                                 float* sm, const SketchSmem& S, int nrows, float* m) {
-    const int r = L.r;
-    for (int f = 0; f < 2; f++) {
-        sketch_block_fwd(L, L.blk[f][0], p, pt, sm + S.xin, sm, S, f, 0, nrows);
-        sketch_block_fwd(L, L.blk[f][1], p, pt, sm + S.out[f][0], sm, S, f, 1, nrows);
-    }
-    const float sr = sqrtf((float)r);
-    for (int idx = threadIdx.x; idx < nrows * r; idx += kSketchThreads) {
-        const float z = tanhf(sm[S.out[0][1] + idx] * sm[S.out[1][1] + idx] / sr);
-        sm[S.tz + idx] = z;
-        if (m) m[idx] = sr * z;
-    }
-    __syncthreads();
-}
-
-// One block g backward on the group: dout (R, r) smem -> din (R, n_in) smem; partial += its
-// parameter gradient (this block's slot, no other block touches it).
-__device__ void sketch_block_bwd(const PolySketchLayout& L, const PolySketchLayout::Block& blk,
-                                 const float* p, float* partial, const float* dout, float* din,
-                                 float* sm, const SketchSmem& S, int f, int g, int nrows) {
-    const int n = blk.n_in, hid = L.hidden, r = L.r;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int maxn = L.d > r ? L.d : r;
-    const float* xhat = sm + S.xhat[f][g];
-    const float* pre = sm + S.pre[f][g];
-    const float* rstd = sm + S.rstd[f][g];
-    float* nrm = sm + S.nrm;
-    float* act = sm + S.act;
-    float* dh = sm + S.dh;
-    float* dn = sm + S.dn;
-    // recompute normed and act of this block
-    for (int idx = threadIdx.x; idx < nrows * n; idx += kSketchThreads) {
-        const int row = idx / n, i = idx % n;
-        nrm[row * maxn + i] = xhat[idx] * p[blk.ln_w + i] + p[blk.ln_b + i];
-    }
-    for (int idx = threadIdx.x; idx < nrows * hid; idx += kSketchThreads) act[idx] = gelu_f(pre[idx]);
-    __syncthreads();
-    // dW_out (r, hid) += Σ_rows dout ⊗ act
-    for (int idx = threadIdx.x; idx < r * hid; idx += kSketchThreads) {
-        const int o = idx / hid, i = idx % hid;
-        float s = 0.f;
-        for (int row = 0; row < nrows; ++row) s += dout[row * r + o] * act[row * hid + i];
-        partial[blk.w_out + idx] += s;
-    }
-    // dh (R, hid) = (W_outᵀ dout) ∘ gelu'(pre)
-    const float* w_out = p + blk.w_out;  // (r, hid)
-    for (int idx = threadIdx.x; idx < nrows * hid; idx += kSketchThreads) {
-        const int row = idx / hid, i = idx % hid;
-        float s = 0.f;
-        for (int o = 0; o < r; ++o) s += dout[row * r + o] * w_out[(int64_t)o * hid + i];
-        dh[idx] = s * gelu_grad_f(pre[idx]);
-    }
-    __syncthreads();
-    // dW_in (hid, n) += Σ_rows dh ⊗ normed
-    for (int idx = threadIdx.x; idx < hid * n; idx += kSketchThreads) {
-        const int o = idx / n, i = idx % n;
-        float s = 0.f;
-        for (int row = 0; row < nrows; ++row) s += dh[row * hid + o] * nrm[row * maxn + i];
-        partial[blk.w_in + idx] += s;
-    }
-    // dnormed (R, n) = W_inᵀ dh
-    const float* w_in = p + blk.w_in;  // (hid, n)
-    for (int idx = threadIdx.x; idx < nrows * n; idx += kSketchThreads) {
-        const int row = idx / n, i = idx % n;
-        float s = 0.f;
-        for (int o = 0; o < hid; ++o) s += dh[row * hid + o] * w_in[(int64_t)o * n + i];
-        dn[row * maxn + i] = s;
-    }
-    __syncthreads();
-    // dln_w += Σ dnormed·xhat, dln_b += Σ dnormed; dnormed *= ln_w (now dx̂)
-    for (int i = threadIdx.x; i < n; i += kSketchThreads) {
-        float sw = 0.f, sb = 0.f;
-        const float w = p[blk.ln_w + i];
-        for (int row = 0; row < nrows; ++row) {
-            const float v = dn[row * maxn + i];
-            sw += v * xhat[row * n + i];
-            sb += v;
-            dn[row * maxn + i] = v * w;
-        }
-        partial[blk.ln_w + i] += sw;
-        partial[blk.ln_b + i] += sb;
-    }
-    __syncthreads();
-    // LayerNorm backward, one warp per row
-    for (int row = warp; row < nrows; row += kSketchThreads / 32) {
-        float m1 = 0.f, m2 = 0.f;
-        for (int i = lane; i < n; i += 32) {
-            m1 += dn[row * maxn + i];
-            m2 += dn[row * maxn + i] * xhat[row * n + i];
-        }
-        m1 = warp_sum(m1) / n;
-        m2 = warp_sum(m2) / n;
-        for (int i = lane; i < n; i += 32)
-            din[row * n + i] = rstd[row] * (dn[row * maxn + i] - m1 - xhat[row * n + i] * m2);
-    }
-    __syncthreads();
-}
-
-// M (2·rows, r) = sketch of every row of xh (2·rows, d). One block per group.
-__global__ void __launch_bounds__(kSketchThreads)
-    ps_sketch_learned_fwd(float* M, const float* xh, const float* p, const float* pt,
-                          PolySketchLayout L, int64_t n_rows) {
-    extern __shared__ float sm[];
-    const SketchSmem S(L.d, L.r);
-    const int64_t row0 = (int64_t)blockIdx.x * kSketchRows;
-    const int nrows = (int)(n_rows - row0 < kSketchRows ? n_rows - row0 : kSketchRows);
-    for (int idx = threadIdx.x; idx < nrows * L.d; idx += kSketchThreads)
-        sm[S.xin + idx] = xh[row0 * L.d + idx];
-    __syncthreads();
-    sketch_group_fwd(L, p, pt, sm, S, nrows, M + row0 * L.r);
-}
-
-// dxh (2·rows, d) += the gradient through M of dM (2·rows, r); partials (slots, P) += the
-// parameter gradient, slot = blockIdx.x taking groups blockIdx.x, + gridDim.x, ... in order.
-__global__ void __launch_bounds__(kSketchThreads)
-    ps_sketch_learned_bwd(float* dxh, float* partials, const float* dM, const float* xh,
-                          const float* p, const float* pt, PolySketchLayout L, int64_t n_rows) {
-    extern __shared__ float sm[];
-    const SketchSmem S(L.d, L.r);
-    const int r = L.r, d = L.d;
-    float* partial = partials + (int64_t)blockIdx.x * L.total;
-    const int64_t groups = (n_rows + kSketchRows - 1) / kSketchRows;
-    for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
-        const int64_t row0 = grp * kSketchRows;
-        const int nrows = (int)(n_rows - row0 < kSketchRows ? n_rows - row0 : kSketchRows);
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < nrows * d; idx += kSketchThreads) {
-            sm[S.xin + idx] = xh[row0 * d + idx];
-            sm[S.dxacc + idx] = 0.f;
-        }
-        __syncthreads();
-        sketch_group_fwd(L, p, pt, sm, S, nrows, nullptr);
-        // m = sqrt(r) tanh(f1 f2 / sqrt r): dz = dm (1 − tz²), df1 = dz f2, df2 = dz f1
-        float* df = sm + S.df;
-        for (int idx = threadIdx.x; idx < nrows * r; idx += kSketchThreads) {
-            const float tz = sm[S.tz + idx];
-            const float dz = dM[row0 * r + idx] * (1.f - tz * tz);
-            df[idx] = dz * sm[S.out[1][1] + idx];
-            df[kSketchRows * r + idx] = dz * sm[S.out[0][1] + idx];
-        }
-        __syncthreads();
-        for (int f = 0; f < 2; f++) {
-            sketch_block_bwd(L, L.blk[f][1], p, partial, df + f * kSketchRows * r, sm + S.dy, sm, S, f, 1, nrows);
-            sketch_block_bwd(L, L.blk[f][0], p, partial, sm + S.dy, sm + S.dxf, sm, S, f, 0, nrows);
-            for (int idx = threadIdx.x; idx < nrows * d; idx += kSketchThreads) sm[S.dxacc + idx] += sm[S.dxf + idx];
-            __syncthreads();
-        }
-        for (int idx = threadIdx.x; idx < nrows * d; idx += kSketchThreads) dxh[row0 * d + idx] += sm[S.dxacc + idx];
-    }
-}
-
-// dparams (P) += Σ_slot partials[slot] in slot order
-__global__ void ps_reduce_partials(float* dparams, const float* partials, int slots, int64_t P) {
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= P) return;
-    float s = 0.f;
-    for (int k = 0; k < slots; ++k) s += partials[(int64_t)k * P + i];
-    dparams[i] += s;
-}
 
 // ============================================================================ the random sketch
 // M (2·rows, r) = (x̂ S1) ∘ (x̂ S2) / sqrt(r); S (2, d, r). One warp per row.
@@ -464,25 +348,33 @@ __global__ void ps_sketch_random_bwd(float* dxh, const float* dM, const float* x
 }
 
 // ============================================================================ block states
-// states (B·H, L, r, r, e): block l of head bh = Σ_{t∈l} X_ta X_tc Y_t (X (rows, r), Y (rows, e)).
-// One thread per state element, rows of the block in order.
-__global__ void ps_state_build(float* states, const float* X, const float* Y, Dims D) {
-    const int64_t per_block = (int64_t)D.r * D.r * D.e;
+// states (B·H, L, r, r, e): block l of head bh is H_l = Σ_{t∈l} (X_t⊗X_t) Y_tᵀ, a (r², e) matrix.
+// With Φ_t = X_t⊗X_t (r², row-major (a, c)) per row, every state operation is a GEMM per block,
+// run as cuBLAS strided-batched fp32 GEMMs over runs of equally sized blocks (host side,
+// StateSegment): build H_l = Φ_lᵀ Y_l, apply out_l (+)= Φ_l S_l, contract V_l = Y_l S_lᵀ then
+// dX_t[a] += 2 Σ_c X_tc V_t[a, c]. These kernels fill Φ and finish the contraction.
+
+// phi (n, r²) = X_t ⊗ X_t for the n rows of X (n, r): phi[t, a·r + c] = X_ta X_tc
+__global__ void ps_outer(float* phi, const float* X, int r, int64_t n) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= D.bh_count * D.L * per_block) return;
-    const int64_t bhl = idx / per_block;
-    const int64_t within = idx % per_block;
-    const int x = (int)(within % D.e);
-    const int pair = (int)(within / D.e), a = pair / D.r, c = pair % D.r;
-    const int64_t bh = bhl / D.L;
-    const int l = (int)(bhl % D.L);
-    const int t0 = l * D.block, t1 = min(t0 + D.block, D.T);
-    float s = 0.f;
-    for (int t = t0; t < t1; ++t) {
-        const int64_t n = bh * D.T + t;
-        s += X[n * D.r + a] * X[n * D.r + c] * Y[n * D.e + x];
-    }
-    states[idx] = s;
+    const int64_t rr = (int64_t)r * r;
+    if (idx >= n * rr) return;
+    const int64_t t = idx / rr;
+    const int k = (int)(idx % rr), a = k / r, c = k % r;
+    phi[idx] = X[t * r + a] * X[t * r + c];
+}
+
+// dX_t[a] += 2 Σ_c X_tc V_t[a·r + c] for n rows (X, dX (n, r), V (n, r²)). One thread per (t, a).
+__global__ void ps_contract_finish(float* dX, const float* X, const float* V, int r, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * r) return;
+    const int64_t t = idx / r;
+    const int a = (int)(idx % r);
+    const float* x = X + t * r;
+    const float* v = V + t * r * r + (int64_t)a * r;
+    float acc = 0.f;
+    for (int c = 0; c < r; ++c) acc += x[c] * v[c];
+    dX[idx] += 2.f * acc;
 }
 
 // In place: exclusive prefix (reverse = false: Σ of earlier blocks) or suffix (reverse = true:
@@ -502,51 +394,6 @@ __global__ void ps_state_scan(float* states, Dims D, bool reverse) {
     }
 }
 
-// out (rows, e) += Σ_ac X_ta X_tc S_l(t)[a,c,:] for the rows of blocks with a non-zero state
-// (skip_first: block 0 has an empty prefix; skip_last: the last block an empty suffix).
-// One thread per (row, x).
-__global__ void ps_state_apply(float* out, const float* X, const float* states, Dims D,
-                               bool skip_first, bool skip_last) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= D.rows * D.e) return;
-    const int64_t n = idx / D.e;
-    const int x = (int)(idx % D.e);
-    const int t = (int)(n % D.T);
-    const int l = t / D.block;
-    if ((skip_first && l == 0) || (skip_last && l == D.L - 1)) return;
-    const int64_t bh = n / D.T;
-    const float* S = states + ((bh * D.L + l) * D.r * D.r) * D.e;
-    const float* xr = X + n * D.r;
-    float s = 0.f;
-    for (int a = 0; a < D.r; ++a)
-        for (int c = 0; c < D.r; ++c) s += xr[a] * xr[c] * S[((int64_t)a * D.r + c) * D.e + x];
-    out[idx] += s;
-}
-
-// dX_t[a] += 2 Σ_c X_tc (S_l(t)[a,c,:]·Y_t). One thread per (row, a).
-__global__ void ps_state_contract(float* dX, const float* X, const float* Y, const float* states,
-                                  Dims D, bool skip_first, bool skip_last) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= D.rows * D.r) return;
-    const int64_t n = idx / D.r;
-    const int a = (int)(idx % D.r);
-    const int t = (int)(n % D.T);
-    const int l = t / D.block;
-    if ((skip_first && l == 0) || (skip_last && l == D.L - 1)) return;
-    const int64_t bh = n / D.T;
-    const float* S = states + ((bh * D.L + l) * D.r * D.r) * D.e;
-    const float* y = Y + n * D.e;
-    const float* xr = X + n * D.r;
-    float acc = 0.f;
-    for (int c = 0; c < D.r; ++c) {
-        const float* s = S + ((int64_t)a * D.r + c) * D.e;
-        float yv = 0.f;
-        for (int x = 0; x < D.e; ++x) yv += s[x] * y[x];
-        acc += yv * xr[c];
-    }
-    dX[idx] += 2.f * acc;
-}
-
 // ============================================================================ forward rows
 // Intra-block weight of (query row qn, key row kn): s is the base (⟨q̂,k̂⟩ or ⟨A,B⟩), returned
 // weight s^p or s². Warp-cooperative: every lane gets the same value.
@@ -563,33 +410,27 @@ __device__ __forceinline__ float warp_base(bool exact, const float (&q)[Dh / 32]
     return warp_sum(s);
 }
 
-// o (rows, d), den (rows) <- the intra-block part plus Σ_ac A_ta A_tc Z_l[a,c,:]. One warp per row;
+// o (rows, d), den (rows) <- the intra-block part plus U (rows, e) = Σ_ac A_ta A_tc Z_l[a,c,:] (read for
+// rows of blocks l > 0 only). One warp per row;
 // lane holds columns x = lane + 32m of out (e = d + 1 columns).
 template <typename T, int Dh>
 __global__ void ps_forward_rows(Strided O, float* den, const float* xh, const float* M,
-                                const float* C, const float* Z, Dims D, bool exact) {
+                                const float* C, const float* U, Dims D, bool exact) {
     constexpr int EM = Dh / 32 + 1;  // ceil((Dh + 1) / 32)
     const int64_t n = warp_row();
     if (n >= D.rows) return;
     const int lane = threadIdx.x % 32;
     const int t = (int)(n % D.T), l = t / D.block;
-    const int64_t bh = n / D.T, head0 = bh * D.T;
+    const int64_t head0 = (n / D.T) * D.T;
     const int e = D.e, r = D.r;
     const float* A = M;
     const float* Bk = M + D.rows * r;
     const float* kh = xh + D.rows * Dh;
     float u[EM] = {};
-    if (l > 0) {
-        const float* S = Z + ((bh * D.L + l) * r * r) * e;
-        const float* ar = A + n * r;
-        for (int a = 0; a < r; ++a)
-            for (int c = 0; c < r; ++c) {
-                const float w = ar[a] * ar[c];
-                const float* z = S + ((int64_t)a * r + c) * e;
+    if (l > 0) {  // the inter-block part Σ_ac A_ta A_tc Z_l[a,c,:], computed by apply_states into U
 #pragma unroll
-                for (int m = 0; m < EM; ++m)
-                    if (lane + 32 * m < e) u[m] += w * z[lane + 32 * m];
-            }
+        for (int m = 0; m < EM; ++m)
+            if (lane + 32 * m < e) u[m] = U[n * e + lane + 32 * m];
     }
     float q[Dh / 32];
 #pragma unroll
@@ -755,7 +596,9 @@ int grid_of(int64_t n, int threads) { return ceil_div(n, threads); }
 
 // Offsets (floats) of everything in the workspace.
 struct WorkspacePlan {
-    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, p32, pt, partials, total;
+    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, phi, p32, sk, total;
+    int64_t phi_blocks;  // blocks per run of the state GEMMs (phi holds phi_blocks·block rows of r²)
+    int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
     WorkspacePlan(const AttnShape& s, int r, int block, size_t num_params) {
         const int64_t rows = (int64_t)s.rows(), d = s.d, e = d + 1;
         const int64_t L = (s.T + block - 1) / block;
@@ -770,9 +613,13 @@ struct WorkspacePlan {
         dxh = take(2 * rows * d);
         dM = take(2 * rows * r);
         dC = take(rows * e);
+        phi_blocks = std::max<int64_t>(1, std::min<int64_t>(kPhiFloats / ((int64_t)block * r * r), s.B * s.H * L));
+        phi = take(L > 1 ? phi_blocks * block * r * r : 0);
         p32 = take((int64_t)num_params);
-        pt = take((int64_t)num_params);
-        partials = take((int64_t)kGradSlots * (int64_t)num_params);
+        // rows per chunk: as many as fit kSketchChunkFloats (at least 256), at most all 2·rows
+        const int64_t per_row = SketchChunk((int)d, r, 64).total / 64;
+        sk_rows = num_params ? std::min<int64_t>(2 * rows, std::max<int64_t>(256, kSketchChunkFloats / per_row)) : 0;
+        sk = take(num_params ? SketchChunk((int)d, r, sk_rows).total : 0);
         total = off;
     }
 };
@@ -788,6 +635,7 @@ public:
     }
     ~CudaPolySketchAttention() override {
         for (auto& kv : random_sketch_) cudaFree(kv.second);  // no throw from a destructor
+        if (blas_) cublasDestroy(blas_);
     }
     std::string name() const override { return "polysketch"; }
     size_t num_params(int d) const override {
@@ -818,12 +666,17 @@ public:
         if (dt == DType::BF16) ps_values<bf16><<<grid_of(D.rows * D.e, 256), 256>>>(ws + P.C, strided(v), D);
         else ps_values<float><<<grid_of(D.rows * D.e, 256), 256>>>(ws + P.C, strided(v), D);
         CUDA_LAUNCH_CHECK();
-        if (D.L > 1) build_states(D, ws + P.states, ws + P.M + D.rows * D.r, ws + P.C, false);
+        // U (rows, e) in the G buffer: the inter-block part A⊗A · Z of every row (zero in block 0)
+        float* U = ws + P.G;
+        if (D.L > 1) {
+            build_states(D, P, ws, ws + P.states, ws + P.M + D.rows * D.r, ws + P.C, false);
+            apply_states(D, P, ws, U, ws + P.M, ws + P.states, 0.f);
+        }
         dispatch(dt, s.d, [&](auto t_tag, auto d_tag) {
             using T = typename decltype(t_tag)::type;
             constexpr int Dh = decltype(d_tag)::value;
             ps_forward_rows<T, Dh><<<grid_of(D.rows, kWarps), 32 * kWarps>>>(
-                strided(o), saved, ws + P.xh, ws + P.M, ws + P.C, ws + P.states, D, cfg_.exact_diag);
+                strided(o), saved, ws + P.xh, ws + P.M, ws + P.C, U, D, cfg_.exact_diag);
         });
         CUDA_LAUNCH_CHECK();
     }
@@ -865,31 +718,26 @@ public:
             CUDA_LAUNCH_CHECK();
         });
         if (D.L > 1) {
-            // prefix Z from (B, C): dA += 2 Σ_c A_c (Z[a,c,:]·g)
-            build_states(D, states, Bk, C, false);
-            ps_state_contract<<<grid_of(D.rows * D.r, 256), 256>>>(dA, A, G, states, D, true, false);
-            CUDA_LAUNCH_CHECK();
-            // suffix R from (A, G): dC += Σ_ac B_a B_c R[a,c,:], dB += 2 Σ_c B_c (R[a,c,:]·C)
-            build_states(D, states, A, G, true);
-            ps_state_apply<<<grid_of(D.rows * D.e, 256), 256>>>(dC, Bk, states, D, false, true);
-            CUDA_LAUNCH_CHECK();
-            ps_state_contract<<<grid_of(D.rows * D.r, 256), 256>>>(dB, Bk, C, states, D, false, true);
-            CUDA_LAUNCH_CHECK();
+            // prefix Z from (B, C): dA += 2 Σ_c A_c (Z[a,c,:]·g)  (Z of block 0 is exactly 0)
+            build_states(D, P, ws, states, Bk, C, false);
+            contract_states(D, P, ws, dA, A, G, states);
+            // suffix R from (A, G): dC += Σ_ac B_a B_c R[a,c,:], dB += 2 Σ_c B_c (R[a,c,:]·C)  (R of the
+            // last block is exactly 0)
+            build_states(D, P, ws, states, A, G, true);
+            apply_states(D, P, ws, dC, Bk, states, 1.f);
+            contract_states(D, P, ws, dB, Bk, C, states);
         }
         // through the sketch into dxh (and the parameters)
         const int64_t n2 = 2 * D.rows;
         if (cfg_.sketch_learned) {
             const PolySketchLayout L = polysketch_layout(s.d, cfg_.sketch_size);
-            const int64_t groups = (n2 + kSketchRows - 1) / kSketchRows;
-            const int slots = (int)std::min<int64_t>(kGradSlots, groups);
-            CUDA_CHECK(cudaMemsetAsync(ws + P.partials, 0, (size_t)slots * L.total * sizeof(float)));
-            const int smem = sketch_smem_bytes(s.d);
-            ps_sketch_learned_bwd<<<slots, kSketchThreads, smem>>>(dxh, ws + P.partials, dM, xh, ws + P.p32,
-                                                                   ws + P.pt, L, n2);
-            CUDA_LAUNCH_CHECK();
-            ps_reduce_partials<<<grid_of((int64_t)L.total, 256), 256>>>(dparams.f32(), ws + P.partials, slots,
-                                                                       (int64_t)L.total);
-            CUDA_LAUNCH_CHECK();
+            const SketchChunk S(s.d, D.r, P.sk_rows);
+            float* ck = ws + P.sk;
+            for (int64_t row0 = 0; row0 < n2; row0 += P.sk_rows) {
+                const int nc = (int)std::min<int64_t>(P.sk_rows, n2 - row0);
+                sketch_learned_chunk_fwd(L, ws + P.p32, xh + row0 * D.d, nc, nullptr, ck, S);
+                sketch_learned_chunk_bwd(L, ws + P.p32, dparams.f32(), dM + row0 * D.r, dxh + row0 * D.d, nc, ck, S);
+            }
         } else {
             ps_sketch_random_bwd<<<grid_of(n2, kWarps), 32 * kWarps, kWarps * 2 * D.r * (int)sizeof(float)>>>(
                 dxh, dM, xh, sketch, D.d, D.r, n2);
@@ -937,9 +785,113 @@ private:
         D.bh_count = (int64_t)s.B * s.H;
         return D;
     }
-    int sketch_smem_bytes(int d) const { return SketchSmem(d, cfg_.sketch_size).total * (int)sizeof(float); }
 
-    // The learned parameters converted to fp32 (and transposed) in the workspace, or the random S
+    // The handle of the sketch GEMMs, on the default stream as every launch here; created on first use.
+    cublasHandle_t blas() {
+        if (!blas_) {
+            CUBLAS_CHECK(cublasCreate(&blas_));
+            CUBLAS_CHECK(cublasSetStream(blas_, 0));
+            CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));  // full fp32, no TF32
+        }
+        return blas_;
+    }
+    // Row-major C (M, N) = op(A) op(B) + beta C in fp32 (cuBLAS is column-major: Cᵀ = op(B)ᵀ op(A)ᵀ).
+    void gemm_rm(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
+                 float beta, float* C, int ldc) {
+        const float one = 1.f;
+        CUBLAS_CHECK(cublasSgemm(blas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M,
+                                 K, &one, B, ldb, A, lda, &beta, C, ldc));
+    }
+    // dst (M, N) += Aᵀ B over nc rows (A (nc, M) ld lda, B (nc, N) ld ldb, row-major): one GEMM per
+    // slice of kGradSliceRows rows into part (slices, M, N), then their ordered sum (deterministic,
+    // and parallel however small M·N is).
+    void grad_gemm(int M, int N, int nc, const float* A, int lda, const float* B, int ldb, float* dst, float* part) {
+        const int full = nc / kGradSliceRows, rem = nc % kGradSliceRows;
+        const int64_t mn = (int64_t)M * N;
+        if (full > 0)
+            gemm_rm_batched(true, false, M, N, kGradSliceRows, A, lda, (int64_t)kGradSliceRows * lda, B, ldb,
+                            (int64_t)kGradSliceRows * ldb, 0.f, part, N, mn, full);
+        if (rem > 0)
+            gemm_rm(true, false, M, N, rem, A + (int64_t)full * kGradSliceRows * lda, lda,
+                    B + (int64_t)full * kGradSliceRows * ldb, ldb, 0.f, part + full * mn, N);
+        ps_reduce_slices<<<grid_of(mn, 256), 256>>>(dst, part, full + (rem > 0 ? 1 : 0), mn);
+        CUDA_LAUNCH_CHECK();
+    }
+    // dst (n) += Σ_rows X[row, :] for row-major X (nc, n), by slices as grad_gemm
+    void grad_colsum(float* dst, const float* X, int n, int nc, float* part) {
+        const int slices = ceil_div(nc, kGradSliceRows);
+        ps_colsum_slices<<<slices, 128>>>(part, X, n, nc);
+        CUDA_LAUNCH_CHECK();
+        ps_reduce_slices<<<grid_of(n, 256), 256>>>(dst, part, slices, n);
+        CUDA_LAUNCH_CHECK();
+    }
+
+    // The learned sketch forward of nc rows x (nc, d): every activation into the chunk buffers ck,
+    // m (nc, r) = M(x) unless null.
+    void sketch_learned_chunk_fwd(const PolySketchLayout& L, const float* p, const float* x, int nc, float* m,
+                                  float* ck, const SketchChunk& S) {
+        const int hid = L.hidden, r = L.r;
+        const int64_t nh = (int64_t)nc * hid;
+        for (int f = 0; f < 2; f++)
+            for (int g = 0; g < 2; g++) {
+                const PolySketchLayout::Block& b = L.blk[f][g];
+                const int n = b.n_in;
+                const float* in = g == 0 ? x : ck + S.out[f][0];
+                ps_sk_ln_fwd<<<grid_of(nc, kWarps), 32 * kWarps>>>(ck + S.xhat[f][g], ck + S.rstd[f][g], ck + S.nrm, in,
+                                                                   p + b.ln_w, p + b.ln_b, n, nc);
+                CUDA_LAUNCH_CHECK();
+                gemm_rm(false, true, nc, hid, n, ck + S.nrm, n, p + b.w_in, n, 0.f, ck + S.pre[f][g], hid);  // pre = nrm W_inᵀ
+                ps_sk_gelu<<<grid_of(nh, 256), 256>>>(ck + S.act, ck + S.pre[f][g], nh);
+                CUDA_LAUNCH_CHECK();
+                gemm_rm(false, true, nc, r, hid, ck + S.act, hid, p + b.w_out, hid, 0.f, ck + S.out[f][g], r);  // out = act W_outᵀ
+            }
+        ps_sk_tanh<<<grid_of((int64_t)nc * r, 256), 256>>>(ck + S.tz, m, ck + S.out[0][1], ck + S.out[1][1], r,
+                                                          (int64_t)nc * r);
+        CUDA_LAUNCH_CHECK();
+    }
+    // One block (f, g) backward on the chunk (activations from sketch_learned_chunk_fwd): dout (nc, r)
+    // -> din (nc, n_in); dp (the parameter gradient) += this block's part.
+    void sketch_block_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, int f, int g, const float* dout,
+                                float* din, int nc, float* ck, const SketchChunk& S) {
+        const PolySketchLayout::Block& b = L.blk[f][g];
+        const int n = b.n_in, hid = L.hidden, r = L.r;
+        const int64_t nh = (int64_t)nc * hid, nn = (int64_t)nc * n;
+        float *act = ck + S.act, *nrm = ck + S.nrm, *dh = ck + S.dh, *dn = ck + S.dn, *prod = ck + S.prod;
+        const float* pre = ck + S.pre[f][g];
+        const float* xhat = ck + S.xhat[f][g];
+        ps_sk_gelu<<<grid_of(nh, 256), 256>>>(act, pre, nh);
+        CUDA_LAUNCH_CHECK();
+        ps_sk_affine<<<grid_of(nn, 256), 256>>>(nrm, xhat, p + b.ln_w, p + b.ln_b, n, nn);
+        CUDA_LAUNCH_CHECK();
+        float* part = ck + S.part;
+        grad_gemm(r, hid, nc, dout, r, act, hid, dp + b.w_out, part);                // dW_out (r, hid) += doutᵀ act
+        gemm_rm(false, false, nc, hid, r, dout, r, p + b.w_out, hid, 0.f, dh, hid);   // dh = dout W_out
+        ps_sk_gelu_bwd<<<grid_of(nh, 256), 256>>>(dh, pre, nh);
+        CUDA_LAUNCH_CHECK();
+        grad_gemm(hid, n, nc, dh, hid, nrm, n, dp + b.w_in, part);               // dW_in (hid, n) += dhᵀ nrm
+        gemm_rm(false, false, nc, n, hid, dh, hid, p + b.w_in, n, 0.f, dn, n);   // dn = dh W_in
+        grad_colsum(dp + b.ln_b, dn, n, nc, part);                               // dln_b += Σ dn
+        ps_sk_ln_bwd<<<grid_of(nc, kWarps), 32 * kWarps>>>(din, prod, dn, xhat, ck + S.rstd[f][g], p + b.ln_w, n, nc);
+        CUDA_LAUNCH_CHECK();
+        grad_colsum(dp + b.ln_w, prod, n, nc, part);  // dln_w += Σ dn∘x̂
+    }
+    // The learned sketch backward of the chunk: dxh (nc, d) += the gradient of dm (nc, r) through M;
+    // dp += the parameter gradient. Needs sketch_learned_chunk_fwd of the same rows first.
+    void sketch_learned_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, const float* dm, float* dxh,
+                                  int nc, float* ck, const SketchChunk& S) {
+        const int64_t nr = (int64_t)nc * L.r, nd = (int64_t)nc * L.d;
+        ps_sk_tanh_bwd<<<grid_of(nr, 256), 256>>>(ck + S.df[0], ck + S.df[1], dm, ck + S.tz, ck + S.out[0][1],
+                                                 ck + S.out[1][1], nr);
+        CUDA_LAUNCH_CHECK();
+        for (int f = 0; f < 2; f++) {
+            sketch_block_chunk_bwd(L, p, dp, f, 1, ck + S.df[f], ck + S.dy, nc, ck, S);
+            sketch_block_chunk_bwd(L, p, dp, f, 0, ck + S.dy, ck + S.dxf[f], nc, ck, S);
+        }
+        ps_sk_add2<<<grid_of(nd, 256), 256>>>(dxh, ck + S.dxf[0], ck + S.dxf[1], nd);
+        CUDA_LAUNCH_CHECK();
+    }
+
+    // The learned parameters converted to fp32 in the workspace, or the random S
     // of this layer on the device. Returns the pointer the row kernels read (p32 or S).
     const float* prepare_sketch(const AttnShape& s, const AttnContext& ctx, const Tensor& params, float* ws,
                                 const WorkspacePlan& P) {
@@ -964,25 +916,13 @@ private:
         CHECK(params.ptr != nullptr && params.n == L.total,
               "polysketch attention: params hold %zu values; expected %zu (the learned sketch for d=%d, r=%d)",
               params.n, L.total, s.d, r);
-        const int smem = sketch_smem_bytes(s.d);
-        CHECK(smem <= 200 * 1024, "polysketch attention: sketch size r=%d needs %d bytes of shared memory", r, smem);
         float* p32 = ws + P.p32;
-        float* pt = ws + P.pt;
         const int64_t n = (int64_t)L.total;
         if (params.dtype == DType::BF16)
             ps_params_to_f32<bf16><<<grid_of(n, 256), 256>>>(p32, static_cast<const bf16*>(params.ptr), n);
         else
             ps_params_to_f32<float><<<grid_of(n, 256), 256>>>(p32, static_cast<const float*>(params.ptr), n);
         CUDA_LAUNCH_CHECK();
-        CUDA_CHECK(cudaMemcpyAsync(pt, p32, n * sizeof(float), cudaMemcpyDeviceToDevice));
-        for (int f = 0; f < 2; f++)
-            for (int g = 0; g < 2; g++) {
-                const PolySketchLayout::Block& b = L.blk[f][g];
-                ps_transpose<<<grid_of((int64_t)L.hidden * b.n_in, 256), 256>>>(pt + b.w_in, p32 + b.w_in, L.hidden, b.n_in);
-                CUDA_LAUNCH_CHECK();
-                ps_transpose<<<grid_of((int64_t)L.r * L.hidden, 256), 256>>>(pt + b.w_out, p32 + b.w_out, L.r, L.hidden);
-                CUDA_LAUNCH_CHECK();
-            }
         return p32;
     }
 
@@ -997,24 +937,96 @@ private:
         CUDA_LAUNCH_CHECK();
         if (cfg_.sketch_learned) {
             const PolySketchLayout L = polysketch_layout(D.d, D.r);
-            const int smem = sketch_smem_bytes(D.d);
-            CUDA_CHECK(cudaFuncSetAttribute(ps_sketch_learned_fwd, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            CUDA_CHECK(cudaFuncSetAttribute(ps_sketch_learned_bwd, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-            ps_sketch_learned_fwd<<<grid_of(n2, kSketchRows), kSketchThreads, smem>>>(ws + P.M, ws + P.xh, ws + P.p32,
-                                                                                     ws + P.pt, L, n2);
+            const SketchChunk S(D.d, D.r, P.sk_rows);
+            for (int64_t row0 = 0; row0 < n2; row0 += P.sk_rows) {
+                const int nc = (int)std::min<int64_t>(P.sk_rows, n2 - row0);
+                sketch_learned_chunk_fwd(L, ws + P.p32, ws + P.xh + row0 * D.d, nc, ws + P.M + row0 * D.r, ws + P.sk, S);
+            }
         } else {
             ps_sketch_random_fwd<<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.M, ws + P.xh, sketch, D.d, D.r, n2);
         }
         CUDA_LAUNCH_CHECK();
     }
 
-    // states <- per-block Σ X⊗X⊗Y, then the exclusive prefix (reverse: suffix) over blocks
-    static void build_states(const Dims& D, float* states, const float* X, const float* Y, bool reverse) {
-        const int64_t per_block = (int64_t)D.r * D.r * D.e;
-        ps_state_build<<<grid_of(D.bh_count * D.L * per_block, 256), 256>>>(states, X, Y, D);
+    // A run of `count` consecutive blocks of `rows_per` rows each (uniform strides): first global row
+    // `row0`, first global block (state index bh·L + l) `blk0`.
+    struct StateSegment {
+        int64_t row0, blk0;
+        int count, rows_per;
+    };
+    // Every block of every head in runs of at most P.phi_blocks equal blocks: when block | T all
+    // blocks are equal and contiguous across heads; else per head its full blocks, then the ragged one.
+    static std::vector<StateSegment> state_segments(const Dims& D, const WorkspacePlan& P) {
+        std::vector<StateSegment> segs;
+        const int64_t maxb = P.phi_blocks;
+        if (D.T % D.block == 0) {
+            const int64_t total = D.bh_count * D.L;
+            for (int64_t g = 0; g < total; g += maxb)
+                segs.push_back({g * D.block, g, (int)std::min<int64_t>(maxb, total - g), D.block});
+            return segs;
+        }
+        const int full = D.T / D.block;
+        for (int64_t bh = 0; bh < D.bh_count; ++bh) {
+            for (int64_t l = 0; l < full; l += maxb)
+                segs.push_back({bh * D.T + l * D.block, bh * D.L + l, (int)std::min<int64_t>(maxb, full - l), D.block});
+            segs.push_back({bh * D.T + (int64_t)full * D.block, bh * D.L + full, 1, D.T - full * D.block});
+        }
+        return segs;
+    }
+    // Row-major strided-batched C_i (M, N) = op(A_i) op(B_i) + beta C_i in fp32.
+    void gemm_rm_batched(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, int64_t stride_a,
+                         const float* B, int ldb, int64_t stride_b, float beta, float* C, int ldc, int64_t stride_c,
+                         int batch) {
+        const float one = 1.f;
+        CUBLAS_CHECK(cublasSgemmStridedBatched(blas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &one, B, ldb, stride_b, A,
+                                               lda, stride_a, &beta, C, ldc, stride_c, batch));
+    }
+    // Φ (segment rows, r²) = X_t ⊗ X_t of the segment's rows into the phi buffer
+    void fill_phi(const Dims& D, float* phi, const float* X, const StateSegment& g) {
+        const int64_t n = (int64_t)g.count * g.rows_per;
+        ps_outer<<<grid_of(n * D.r * D.r, 256), 256>>>(phi, X + g.row0 * D.r, D.r, n);
         CUDA_LAUNCH_CHECK();
+    }
+    // states <- per-block Σ_t (X_t⊗X_t) Y_tᵀ (r², e), then the exclusive prefix (reverse: suffix) over blocks
+    void build_states(const Dims& D, const WorkspacePlan& P, float* ws, float* states, const float* X, const float* Y,
+                      bool reverse) {
+        const int rr = D.r * D.r, e = D.e;
+        float* phi = ws + P.phi;
+        for (const StateSegment& g : state_segments(D, P)) {
+            fill_phi(D, phi, X, g);
+            gemm_rm_batched(true, false, rr, e, g.rows_per, phi, rr, (int64_t)g.rows_per * rr, Y + g.row0 * e, e,
+                            (int64_t)g.rows_per * e, 0.f, states + g.blk0 * rr * e, e, (int64_t)rr * e, g.count);
+        }
+        const int64_t per_block = (int64_t)rr * e;
         ps_state_scan<<<grid_of(D.bh_count * per_block, 256), 256>>>(states, D, reverse);
         CUDA_LAUNCH_CHECK();
+    }
+    // out (rows, e) = beta·out + Σ_ac X_ta X_tc S_l(t)[a,c,:]
+    void apply_states(const Dims& D, const WorkspacePlan& P, float* ws, float* out, const float* X, const float* states,
+                      float beta) {
+        const int rr = D.r * D.r, e = D.e;
+        float* phi = ws + P.phi;
+        for (const StateSegment& g : state_segments(D, P)) {
+            fill_phi(D, phi, X, g);
+            gemm_rm_batched(false, false, g.rows_per, e, rr, phi, rr, (int64_t)g.rows_per * rr,
+                            states + g.blk0 * rr * e, e, (int64_t)rr * e, beta, out + g.row0 * e, e,
+                            (int64_t)g.rows_per * e, g.count);
+        }
+    }
+    // dX_t[a] += 2 Σ_c X_tc (S_l(t)[a,c,:]·Y_t): V = Y Sᵀ per block into the phi buffer, then the finish
+    void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, const float* X, const float* Y,
+                         const float* states) {
+        const int rr = D.r * D.r, e = D.e;
+        float* V = ws + P.phi;
+        for (const StateSegment& g : state_segments(D, P)) {
+            gemm_rm_batched(false, true, g.rows_per, rr, e, Y + g.row0 * e, e, (int64_t)g.rows_per * e,
+                            states + g.blk0 * rr * e, e, (int64_t)rr * e, 0.f, V, rr, (int64_t)g.rows_per * rr,
+                            g.count);
+            const int64_t n = (int64_t)g.count * g.rows_per;
+            ps_contract_finish<<<grid_of(n * D.r, 256), 256>>>(dX + g.row0 * D.r, X + g.row0 * D.r, V, D.r, n);
+            CUDA_LAUNCH_CHECK();
+        }
     }
 
     static DType check_tensors(const AttnShape& s, std::initializer_list<std::pair<const char*, HeadTensor>> ts) {
@@ -1033,6 +1045,7 @@ private:
     AttnConfig cfg_;
     std::map<int, float*> random_sketch_;  // layer -> S (2, d, r) on the device
     int random_sketch_d_ = -1;
+    cublasHandle_t blas_ = nullptr;  // the learned sketch's GEMMs
 };
 
 }  // namespace

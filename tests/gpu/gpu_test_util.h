@@ -160,6 +160,20 @@ inline double rel_err(const std::vector<float>& got, const std::vector<float>& r
     return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
+// ‖got − ref‖ / max(‖ref‖, floor_rms·sqrt(n)); +inf if got holds a NaN or Inf. For gradients that
+// can be zero by math (e.g. dq, dk at T = 1, where o = v), where only rounding noise is left.
+inline double rel_err_floor(const std::vector<float>& got, const std::vector<float>& ref, double floor_rms) {
+    const double err = rel_err(got, ref);
+    if (!std::isfinite(err)) return err;
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < got.size(); i++) {
+        const double d = (double)got[i] - (double)ref[i];
+        diff += d * d;
+        norm += (double)ref[i] * ref[i];
+    }
+    return std::sqrt(diff) / std::max(std::sqrt(norm), floor_rms * std::sqrt((double)ref.size()));
+}
+
 inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }

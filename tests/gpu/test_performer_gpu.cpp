@@ -186,18 +186,7 @@ Tolerance tolerance(const PerfCase& c) {
     return big ? Tolerance{1e-3, 2e-3, 1e-3} : Tolerance{1e-4, 1e-4, 1e-4};
 }
 
-// ‖got − ref‖ / max(‖ref‖, floor_rms·sqrt(n)); +inf if got holds a NaN or Inf.
-double rel_err_floor(const std::vector<float>& got, const std::vector<float>& ref, double floor_rms) {
-    const double err = rel_err(got, ref);
-    if (!std::isfinite(err)) return err;
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < got.size(); i++) {
-        const double d = (double)got[i] - (double)ref[i];
-        diff += d * d;
-        norm += (double)ref[i] * ref[i];
-    }
-    return std::sqrt(diff) / std::max(std::sqrt(norm), floor_rms * std::sqrt((double)ref.size()));
-}
+using gpu_test::rel_err_floor;
 
 void expect_close(const PerfCase& c, const AttnResult& gpu, const AttnResult& cpu) {
     const Tolerance tol = tolerance(c);

@@ -142,10 +142,14 @@ TEST_P(PolynomialCudaVsCpu, ForwardSavedAndGradients) {
     // gradients pass the p-th power and the LayerNorm backward, which amplify fp32 rounding:
     // seen 1.2e-4 at T=1, d=128 on the H100
     const double grad_tol = c.dtype == DType::BF16 ? 3e-2 : 3e-4;
+    // At T=1, o = w·v/(1+w) with w = <q̂,k̂>^p up to d^p: for large w, dq and dk shrink like 1/w
+    // and only rounding noise is left (seen 4.4e-3 relative at T=1, d=128, fp32 on the H100), so
+    // they are measured against a floor of 1e-2 rms, far below their size when T > 1.
+    const double grad_floor_rms = 1e-2;
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
     EXPECT_LE(rel_err(gpu.saved, cpu.saved), 1e-4) << "saved D, mean, rstd (fp32 in both modes)";
-    EXPECT_LE(rel_err(gpu.dq, cpu.dq), grad_tol) << "dq";
-    EXPECT_LE(rel_err(gpu.dk, cpu.dk), grad_tol) << "dk";
+    EXPECT_LE(gpu_test::rel_err_floor(gpu.dq, cpu.dq, grad_floor_rms), grad_tol) << "dq";
+    EXPECT_LE(gpu_test::rel_err_floor(gpu.dk, cpu.dk, grad_floor_rms), grad_tol) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), grad_tol) << "dv";
 }
 

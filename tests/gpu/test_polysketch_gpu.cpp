@@ -35,18 +35,7 @@ namespace {
 using gpu_test::Buffer;
 using gpu_test::rel_err;
 
-// ‖got − ref‖ / max(‖ref‖, floor_rms·sqrt(n)); +inf if got holds a NaN or Inf.
-double rel_err_floor(const std::vector<float>& got, const std::vector<float>& ref, double floor_rms) {
-    const double err = rel_err(got, ref);
-    if (!std::isfinite(err)) return err;
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < got.size(); i++) {
-        const double d = (double)got[i] - (double)ref[i];
-        diff += d * d;
-        norm += (double)ref[i] * ref[i];
-    }
-    return std::sqrt(diff) / std::max(std::sqrt(norm), floor_rms * std::sqrt((double)ref.size()));
-}
+using gpu_test::rel_err_floor;
 
 using gpu_test::cuda_ops;
 using gpu_test::Layout;
