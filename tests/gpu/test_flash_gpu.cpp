@@ -24,10 +24,10 @@
 #include <vector>
 
 #include "attention.h"
+#include "attn_gpu_harness.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "gpu_test_util.h"
 #include "ops.h"
-#include "rng.h"
 
 namespace {
 
@@ -36,18 +36,10 @@ using gpu_test::rel_err;
 
 // ---------------------------------------------------------------- helpers
 using gpu_test::cuda_ops;
-using gpu_test::Layout;
-using gpu_test::round_bf16;
-using gpu_test::slice;
 
 std::unique_ptr<Attention> make_gpu_attention(const AttnConfig& cfg) {
     return cfg.name == "local" ? make_cuda_local_attention(cfg) : make_cuda_softmax_attention(cfg);
 }
-
-// Everything one run of forward + backward produces, in canonical (B,H,T,d) / (B,H,T) order.
-struct AttnResult {
-    std::vector<float> o, lse, dq, dk, dv;
-};
 
 struct FlashCase {
     const char* variant;  // "softmax" or "local"
@@ -66,95 +58,22 @@ std::string case_name(const FlashCase& c) {
     return name;
 }
 
+using Inputs = gpu_test::AttnInputs;
+using AttnResult = gpu_test::AttnRun;  // saved = the LSE (B,H,T)
+
 // Fresh inputs of a case: canonical q,k,v (3 × B,H,T,d) and dout (B,H,T,d), bf16-rounded in bf16 mode.
-struct Inputs {
-    std::vector<float> qkv, dout;
-};
-Inputs make_inputs(const FlashCase& c, uint64_t seed) {
-    Rng rng(seed);
-    const size_t n = (size_t)c.B * c.H * c.T * c.d;
-    Inputs in{std::vector<float>(3 * n), std::vector<float>(n)};
-    auto fill = [&](std::vector<float>& v, float mag) {
-        for (float& x : v) {
-            x = rng.normal() * mag;
-            if (c.dtype == DType::BF16) x = round_bf16(x);
-        }
-    };
-    fill(in.qkv, c.magnitude);
-    fill(in.dout, 1.0f);
-    return in;
-}
+Inputs make_inputs(const FlashCase& c, uint64_t seed) { return gpu_test::random_attn_inputs(c, seed); }
 
-// Runs forward and backward (twice, checking the two backward passes are bitwise equal) on the GPU.
+// Runs forward once and backward twice (checking the two backward passes are bitwise equal) on the GPU.
 AttnResult run_gpu(const FlashCase& c, const AttnConfig& cfg, const Inputs& in) {
-    Ops& ops = cuda_ops(c.dtype);
     std::unique_ptr<Attention> attn = make_gpu_attention(cfg);
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const size_t n = s.rows() * c.d;
-    const Layout lay{c.B, c.H, c.T, c.d, c.fused};
-
-    Buffer qkv(ops, c.dtype, 3 * n, "test qkv"), dqkv(ops, c.dtype, 3 * n, "test dqkv");
-    Buffer o(ops, c.dtype, n, "test o"), dout(ops, c.dtype, n, "test dout");
-    Buffer lse(ops, DType::F32, attn->saved_size(s), "test lse");
-    Buffer work(ops, DType::F32, attn->workspace_bytes(s) / 4 + 1, "test workspace");
-    gpu_test::upload(ops, qkv.t(), lay.scatter(in.qkv, 3));
-    gpu_test::upload(ops, dout.t(), lay.scatter(in.dout, 1));
-    const Tensor qkv_t = qkv.t(), dqkv_t = dqkv.t();
-    const HeadTensor q = lay.view(qkv_t, 0, 3), k = lay.view(qkv_t, 1, 3), v = lay.view(qkv_t, 2, 3);
-    const HeadTensor dq = lay.view(dqkv_t, 0, 3), dk = lay.view(dqkv_t, 1, 3), dv = lay.view(dqkv_t, 2, 3);
-    const HeadTensor o_view = lay.view(o.t(), 0, 1), dout_view = lay.view(dout.t(), 0, 1);
-    auto download = [&](const Buffer& b) {
-        ops.synchronize();
-        return gpu_test::download(ops, b.t());
-    };
-
-    gpu_test::poison(ops, o.t());
-    gpu_test::poison(ops, lse.t());
-    attn->forward(s, AttnContext{}, o_view, q, k, v, lse.t().f32(), Tensor{}, work.t().ptr);
-    AttnResult r;
-    r.o = lay.gather(download(o), 1);
-    r.lse = download(lse);
-
-    std::vector<float> first;
-    for (int pass = 0; pass < 2; pass++) {
-        gpu_test::poison(ops, dqkv_t);
-        gpu_test::poison(ops, work.t());
-        attn->backward(s, AttnContext{}, dq, dk, dv, Tensor{}, dout_view, q, k, v, o_view,
-                       lse.t().f32(), Tensor{}, work.t().ptr);
-        std::vector<float> grads = download(dqkv);
-        if (pass == 0)
-            first = grads;
-        else
-            EXPECT_TRUE(gpu_test::bitwise_equal(first, grads)) << "backward is not bitwise deterministic";
-    }
-    const std::vector<float> grads = lay.gather(first, 3);
-    r.dq = slice(grads, 0, n);
-    r.dk = slice(grads, 1, n);
-    r.dv = slice(grads, 2, n);
-    return r;
+    return gpu_test::run_gpu_attention(*attn, c, in);
 }
 
 // The CPU reference on the same inputs; the backward uses the GPU's output `gpu_o` (see top).
 AttnResult run_cpu(const FlashCase& c, const AttnConfig& cfg, const Inputs& in,
                    const std::vector<float>& gpu_o) {
-    std::unique_ptr<Attention> attn = make_cpu_attention(cfg);
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const size_t n = s.rows() * c.d;
-    std::vector<float> qkv = in.qkv, dout = in.dout, o_gpu = gpu_o;
-    auto view = [&](float* p) { return head_tensor_bhtd(p, DType::F32, c.H, c.T, c.d); };
-    std::vector<char> work(attn->workspace_bytes(s) + 16);
-    AttnResult r;
-    r.o.resize(n);
-    r.lse.resize(attn->saved_size(s));
-    attn->forward(s, AttnContext{}, view(r.o.data()), view(qkv.data()), view(qkv.data() + n),
-                  view(qkv.data() + 2 * n), r.lse.data(), Tensor{}, work.data());
-    r.dq.resize(n);
-    r.dk.resize(n);
-    r.dv.resize(n);
-    attn->backward(s, AttnContext{}, view(r.dq.data()), view(r.dk.data()), view(r.dv.data()),
-                   Tensor{}, view(dout.data()), view(qkv.data()), view(qkv.data() + n),
-                   view(qkv.data() + 2 * n), view(o_gpu.data()), r.lse.data(), Tensor{}, work.data());
-    return r;
+    return gpu_test::run_cpu_attention(c, cfg, AttnContext{}, in, gpu_o);
 }
 
 AttnConfig config_of(const FlashCase& c) {
@@ -179,7 +98,7 @@ TEST_P(FlashAttentionVsCpu, ForwardLseAndGradients) {
     const double tol = bf16 ? 2e-2 : 1e-4;
     const double tol_lse = bf16 ? 1e-3 : 1e-5;  // the LSE is fp32 in both modes
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
-    EXPECT_LE(rel_err(gpu.lse, cpu.lse), tol_lse) << "lse";
+    EXPECT_LE(rel_err(gpu.saved, cpu.saved), tol_lse) << "lse";
     EXPECT_LE(rel_err(gpu.dq, cpu.dq), tol) << "dq";
     EXPECT_LE(rel_err(gpu.dk, cpu.dk), tol) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol) << "dv";
@@ -234,7 +153,7 @@ TEST_P(FlashAttentionLocalWide, EqualsSoftmax) {
     const AttnResult softmax = run_gpu(sc, config_of(sc), in);
     // the window kernel visits the same tiles in the same order: equal up to rounding at most
     EXPECT_LE(rel_err(local.o, softmax.o), 1e-6);
-    EXPECT_LE(rel_err(local.lse, softmax.lse), 1e-6);
+    EXPECT_LE(rel_err(local.saved, softmax.saved), 1e-6);
     EXPECT_LE(rel_err(local.dq, softmax.dq), 1e-6);
     EXPECT_LE(rel_err(local.dk, softmax.dk), 1e-6);
     EXPECT_LE(rel_err(local.dv, softmax.dv), 1e-6);

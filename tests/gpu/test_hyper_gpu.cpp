@@ -23,10 +23,10 @@
 #include <vector>
 
 #include "attention.h"
+#include "attn_gpu_harness.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "gpu_test_util.h"
 #include "ops.h"
-#include "rng.h"
 
 namespace {
 
@@ -34,9 +34,6 @@ using gpu_test::Buffer;
 using gpu_test::rel_err;
 
 using gpu_test::cuda_ops;
-using gpu_test::Layout;
-using gpu_test::round_bf16;
-using gpu_test::slice;
 
 struct HyperCase {
     int T, min_seq, block, samples, lsh_bits;
@@ -66,106 +63,24 @@ AttnConfig config_of(const HyperCase& c) {
     return cfg;
 }
 
-struct Inputs {
-    std::vector<float> qkv, dout;  // canonical 3 × (B,H,T,d) and (B,H,T,d)
-};
-Inputs make_inputs(const HyperCase& c, uint64_t seed) {
-    Rng rng(seed);
-    const size_t n = (size_t)c.B * c.H * c.T * c.d;
-    Inputs in{std::vector<float>(3 * n), std::vector<float>(n)};
-    auto fill = [&](std::vector<float>& v, float mag) {
-        for (float& x : v) {
-            x = rng.normal() * mag;
-            if (c.dtype == DType::BF16) x = round_bf16(x);
-        }
-    };
-    fill(in.qkv, c.magnitude);
-    fill(in.dout, 1.0f);
-    return in;
-}
+using Inputs = gpu_test::AttnInputs;
+using AttnResult = gpu_test::AttnRun;  // saved = the LSE (B,H,T)
 
-struct AttnResult {
-    std::vector<float> o, lse, dq, dk, dv;
-};
+// Fresh canonical 3 × (B,H,T,d) q,k,v and (B,H,T,d) dout, bf16-rounded in bf16 mode.
+Inputs make_inputs(const HyperCase& c, uint64_t seed) { return gpu_test::random_attn_inputs(c, seed); }
 
 // Forward twice and backward twice on the GPU, each pair checked bitwise equal.
 AttnResult run_gpu(const HyperCase& c, Attention& attn, const Inputs& in) {
-    Ops& ops = cuda_ops(c.dtype);
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const AttnContext ctx{c.layer, c.step};
-    const size_t n = s.rows() * c.d;
-    const Layout lay{c.B, c.H, c.T, c.d, c.fused};
-
-    Buffer qkv(ops, c.dtype, 3 * n, "test qkv"), dqkv(ops, c.dtype, 3 * n, "test dqkv");
-    Buffer o(ops, c.dtype, n, "test o"), dout(ops, c.dtype, n, "test dout");
-    Buffer lse(ops, DType::F32, attn.saved_size(s), "test lse");
-    Buffer work(ops, DType::F32, attn.workspace_bytes(s) / 4 + 1, "test workspace");
-    gpu_test::upload(ops, qkv.t(), lay.scatter(in.qkv, 3));
-    gpu_test::upload(ops, dout.t(), lay.scatter(in.dout, 1));
-    const Tensor qkv_t = qkv.t(), dqkv_t = dqkv.t();
-    const HeadTensor q = lay.view(qkv_t, 0, 3), k = lay.view(qkv_t, 1, 3), v = lay.view(qkv_t, 2, 3);
-    const HeadTensor dq = lay.view(dqkv_t, 0, 3), dk = lay.view(dqkv_t, 1, 3), dv = lay.view(dqkv_t, 2, 3);
-    const HeadTensor o_view = lay.view(o.t(), 0, 1), dout_view = lay.view(dout.t(), 0, 1);
-    auto download = [&](const Buffer& b) {
-        ops.synchronize();
-        return gpu_test::download(ops, b.t());
-    };
-
-    AttnResult r;
-    for (int pass = 0; pass < 2; pass++) {
-        gpu_test::poison(ops, o.t());
-        gpu_test::poison(ops, lse.t());
-        gpu_test::poison(ops, work.t());
-        attn.forward(s, ctx, o_view, q, k, v, lse.t().f32(), Tensor{}, work.t().ptr);
-        std::vector<float> o_img = download(o), lse_v = download(lse);
-        if (pass == 0) {
-            r.o = lay.gather(o_img, 1);
-            r.lse = lse_v;
-        } else {
-            EXPECT_TRUE(gpu_test::bitwise_equal(r.o, lay.gather(o_img, 1))) << "forward o is not deterministic";
-            EXPECT_TRUE(gpu_test::bitwise_equal(r.lse, lse_v)) << "forward lse is not deterministic";
-        }
-    }
-    std::vector<float> first;
-    for (int pass = 0; pass < 2; pass++) {
-        gpu_test::poison(ops, dqkv_t);
-        gpu_test::poison(ops, work.t());
-        attn.backward(s, ctx, dq, dk, dv, Tensor{}, dout_view, q, k, v, o_view, lse.t().f32(), Tensor{},
-                      work.t().ptr);
-        std::vector<float> grads = download(dqkv);
-        if (pass == 0)
-            first = grads;
-        else
-            EXPECT_TRUE(gpu_test::bitwise_equal(first, grads)) << "backward is not bitwise deterministic";
-    }
-    const std::vector<float> grads = lay.gather(first, 3);
-    r.dq = slice(grads, 0, n);
-    r.dk = slice(grads, 1, n);
-    r.dv = slice(grads, 2, n);
-    return r;
+    gpu_test::AttnRunOptions opt;
+    opt.ctx = AttnContext{c.layer, c.step};
+    opt.forward_passes = 2;
+    opt.poison_workspace_in_forward = true;
+    return gpu_test::run_gpu_attention(attn, c, in, opt);
 }
 
 // The CPU reference on the same inputs; its backward uses the GPU's output `gpu_o`.
 AttnResult run_cpu(const HyperCase& c, const Inputs& in, const std::vector<float>& gpu_o) {
-    std::unique_ptr<Attention> attn = make_cpu_attention(config_of(c));
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const AttnContext ctx{c.layer, c.step};
-    const size_t n = s.rows() * c.d;
-    std::vector<float> qkv = in.qkv, dout = in.dout, o_gpu = gpu_o;
-    auto view = [&](float* p) { return head_tensor_bhtd(p, DType::F32, c.H, c.T, c.d); };
-    std::vector<char> work(attn->workspace_bytes(s) + 16);
-    AttnResult r;
-    r.o.resize(n);
-    r.lse.resize(attn->saved_size(s));
-    attn->forward(s, ctx, view(r.o.data()), view(qkv.data()), view(qkv.data() + n), view(qkv.data() + 2 * n),
-                  r.lse.data(), Tensor{}, work.data());
-    r.dq.resize(n);
-    r.dk.resize(n);
-    r.dv.resize(n);
-    attn->backward(s, ctx, view(r.dq.data()), view(r.dk.data()), view(r.dv.data()), Tensor{}, view(dout.data()),
-                   view(qkv.data()), view(qkv.data() + n), view(qkv.data() + 2 * n), view(o_gpu.data()),
-                   r.lse.data(), Tensor{}, work.data());
-    return r;
+    return gpu_test::run_cpu_attention(c, config_of(c), AttnContext{c.layer, c.step}, in, gpu_o);
 }
 
 // ---------------------------------------------------------------- GPU vs CPU reference
@@ -184,7 +99,7 @@ TEST_P(HyperCudaVsCpu, ForwardLseAndGradients) {
     const double tol = bf16 ? 2e-2 : 1e-4;
     const double tol_lse = bf16 ? 1e-3 : 1e-5;
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
-    EXPECT_LE(rel_err(gpu.lse, cpu.lse), tol_lse) << "lse";
+    EXPECT_LE(rel_err(gpu.saved, cpu.saved), tol_lse) << "lse";
     EXPECT_LE(rel_err(gpu.dq, cpu.dq), tol) << "dq";
     EXPECT_LE(rel_err(gpu.dk, cpu.dk), tol) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol) << "dv";
@@ -225,7 +140,7 @@ TEST(HyperCudaShort, EqualsSoftmaxBitwise) {
         std::unique_ptr<Attention> softmax = make_cuda_softmax_attention(AttnConfig{});
         const AttnResult a = run_gpu(c, *hyper, in), b = run_gpu(c, *softmax, in);
         EXPECT_TRUE(gpu_test::bitwise_equal(a.o, b.o)) << gpu_test::precision_name(dt);
-        EXPECT_TRUE(gpu_test::bitwise_equal(a.lse, b.lse)) << gpu_test::precision_name(dt);
+        EXPECT_TRUE(gpu_test::bitwise_equal(a.saved, b.saved)) << gpu_test::precision_name(dt);
         EXPECT_TRUE(gpu_test::bitwise_equal(a.dq, b.dq)) << gpu_test::precision_name(dt);
         EXPECT_TRUE(gpu_test::bitwise_equal(a.dk, b.dk)) << gpu_test::precision_name(dt);
         EXPECT_TRUE(gpu_test::bitwise_equal(a.dv, b.dv)) << gpu_test::precision_name(dt);

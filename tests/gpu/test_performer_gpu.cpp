@@ -14,6 +14,7 @@
 // (o_0 = v_0 whatever q and k), and both sides hold rounding noise (~1e-5 rms; typical dq ~1).
 // The CPU backward is given the GPU's output o (g_i[d] = −dO_i·o_i/R_i uses it; with bf16 o the
 // rounding would otherwise enter dO·(v_j − o_i), which cancels for nearly one-hot rows at ×8).
+#include "attn_gpu_harness.h"
 #include "gpu_test_util.h"
 
 #include <algorithm>
@@ -29,7 +30,6 @@
 #include "attention.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "ops.h"
-#include "rng.h"
 
 namespace {
 
@@ -37,8 +37,6 @@ using gpu_test::Buffer;
 using gpu_test::rel_err;
 
 using gpu_test::cuda_ops;
-using gpu_test::Layout;
-using gpu_test::round_bf16;
 using gpu_test::slice;
 
 struct PerfCase {
@@ -63,86 +61,20 @@ AttnConfig config_of(const PerfCase& c) {
     return cfg;
 }
 
-// Fresh canonical q,k,v (3 × B,H,T,d) and dout (B,H,T,d), bf16-rounded in bf16 mode.
-struct Inputs {
-    std::vector<float> qkv, dout;
-};
-Inputs make_inputs(const PerfCase& c, uint64_t seed) {
-    Rng rng(seed);
-    const size_t n = (size_t)c.B * c.H * c.T * c.d;
-    Inputs in{std::vector<float>(3 * n), std::vector<float>(n)};
-    auto fill = [&](std::vector<float>& v, float mag) {
-        for (float& x : v) {
-            x = rng.normal() * mag;
-            if (c.dtype == DType::BF16) x = round_bf16(x);
-        }
-    };
-    fill(in.qkv, c.magnitude);
-    fill(in.dout, 1.0f);
-    return in;
-}
+using Inputs = gpu_test::AttnInputs;
+using AttnResult = gpu_test::AttnRun;  // saved = (R, cq, ck), each B·H·T
 
-// Everything one forward + backward produces, in canonical (B,H,T,d) / saved order.
-struct AttnResult {
-    std::vector<float> o, saved, dq, dk, dv;
-};
+// Fresh canonical q,k,v (3 × B,H,T,d) and dout (B,H,T,d), bf16-rounded in bf16 mode.
+Inputs make_inputs(const PerfCase& c, uint64_t seed) { return gpu_test::random_attn_inputs(c, seed); }
 
 // Forward twice and backward twice on the GPU (each pair must be bitwise equal), with everything
 // written poisoned first. `attn` may be reused across calls (its Ω cache is under test).
 AttnResult run_gpu(Attention& attn, const PerfCase& c, const AttnContext& ctx, const Inputs& in) {
-    Ops& ops = cuda_ops(c.dtype);
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const size_t n = s.rows() * c.d;
-    const Layout lay{c.B, c.H, c.T, c.d, c.fused};
-
-    Buffer qkv(ops, c.dtype, 3 * n, "test qkv"), dqkv(ops, c.dtype, 3 * n, "test dqkv");
-    Buffer o(ops, c.dtype, n, "test o"), dout(ops, c.dtype, n, "test dout");
-    Buffer saved(ops, DType::F32, attn.saved_size(s), "test saved");
-    Buffer work(ops, DType::F32, attn.workspace_bytes(s) / 4 + 1, "test workspace");
-    gpu_test::upload(ops, qkv.t(), lay.scatter(in.qkv, 3));
-    gpu_test::upload(ops, dout.t(), lay.scatter(in.dout, 1));
-    const Tensor qkv_t = qkv.t(), dqkv_t = dqkv.t();
-    const HeadTensor q = lay.view(qkv_t, 0, 3), k = lay.view(qkv_t, 1, 3), v = lay.view(qkv_t, 2, 3);
-    const HeadTensor dq = lay.view(dqkv_t, 0, 3), dk = lay.view(dqkv_t, 1, 3), dv = lay.view(dqkv_t, 2, 3);
-    const HeadTensor o_view = lay.view(o.t(), 0, 1), dout_view = lay.view(dout.t(), 0, 1);
-    auto download = [&](const Buffer& b) {
-        ops.synchronize();
-        return gpu_test::download(ops, b.t());
-    };
-
-    AttnResult r;
-    for (int pass = 0; pass < 2; pass++) {
-        gpu_test::poison(ops, o.t());
-        gpu_test::poison(ops, saved.t());
-        gpu_test::poison(ops, work.t());
-        attn.forward(s, ctx, o_view, q, k, v, saved.t().f32(), Tensor{}, work.t().ptr);
-        std::vector<float> o_img = download(o), saved_img = download(saved);
-        if (pass == 0) {
-            r.o = lay.gather(o_img, 1);
-            r.saved = saved_img;
-        } else {
-            EXPECT_TRUE(gpu_test::bitwise_equal(r.o, lay.gather(o_img, 1))) << "forward o is not bitwise deterministic";
-            EXPECT_TRUE(gpu_test::bitwise_equal(r.saved, saved_img)) << "saved is not bitwise deterministic";
-        }
-    }
-
-    std::vector<float> first;
-    for (int pass = 0; pass < 2; pass++) {
-        gpu_test::poison(ops, dqkv_t);
-        gpu_test::poison(ops, work.t());
-        attn.backward(s, ctx, dq, dk, dv, Tensor{}, dout_view, q, k, v, o_view, saved.t().f32(),
-                      Tensor{}, work.t().ptr);
-        std::vector<float> grads = download(dqkv);
-        if (pass == 0)
-            first = grads;
-        else
-            EXPECT_TRUE(gpu_test::bitwise_equal(first, grads)) << "backward is not bitwise deterministic";
-    }
-    const std::vector<float> grads = lay.gather(first, 3);
-    r.dq = slice(grads, 0, n);
-    r.dk = slice(grads, 1, n);
-    r.dv = slice(grads, 2, n);
-    return r;
+    gpu_test::AttnRunOptions opt;
+    opt.ctx = ctx;
+    opt.forward_passes = 2;
+    opt.poison_workspace_in_forward = true;
+    return gpu_test::run_gpu_attention(attn, c, in, opt);
 }
 
 AttnResult run_gpu(const PerfCase& c, const AttnContext& ctx, const Inputs& in) {
@@ -153,24 +85,7 @@ AttnResult run_gpu(const PerfCase& c, const AttnContext& ctx, const Inputs& in) 
 // The CPU reference on the same inputs; its backward uses the GPU's output `gpu_o` (see top).
 AttnResult run_cpu(const PerfCase& c, const AttnContext& ctx, const Inputs& in,
                    const std::vector<float>& gpu_o) {
-    std::unique_ptr<Attention> attn = make_cpu_attention(config_of(c));
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const size_t n = s.rows() * c.d;
-    std::vector<float> qkv = in.qkv, dout = in.dout, o_gpu = gpu_o;
-    auto view = [&](float* p) { return head_tensor_bhtd(p, DType::F32, c.H, c.T, c.d); };
-    std::vector<char> work(attn->workspace_bytes(s) + 16);
-    AttnResult r;
-    r.o.resize(n);
-    r.saved.resize(attn->saved_size(s));
-    attn->forward(s, ctx, view(r.o.data()), view(qkv.data()), view(qkv.data() + n),
-                  view(qkv.data() + 2 * n), r.saved.data(), Tensor{}, work.data());
-    r.dq.resize(n);
-    r.dk.resize(n);
-    r.dv.resize(n);
-    attn->backward(s, ctx, view(r.dq.data()), view(r.dk.data()), view(r.dv.data()), Tensor{},
-                   view(dout.data()), view(qkv.data()), view(qkv.data() + n),
-                   view(qkv.data() + 2 * n), view(o_gpu.data()), r.saved.data(), Tensor{}, work.data());
-    return r;
+    return gpu_test::run_cpu_attention(c, config_of(c), ctx, in, gpu_o);
 }
 
 // Tolerances of ‖gpu − cpu‖/‖cpu‖. Both sides compute in fp32 on identical inputs; they differ

@@ -6,6 +6,7 @@
 // fused (B,T,3,H,d) qkv buffer, inputs ×1 and ×8, fp32 and bf16. Outputs are poisoned with NaN
 // before every launch; the backward runs twice and must be bitwise equal. The CPU backward is
 // given the GPU's o (Δ = dO·o uses it), so both sides differentiate the same forward.
+#include "attn_gpu_harness.h"
 #include "gpu_test_util.h"
 
 #include <cmath>
@@ -19,7 +20,6 @@
 #include "attention/cpu_variants.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "ops.h"
-#include "rng.h"
 
 namespace {
 
@@ -27,9 +27,6 @@ using gpu_test::Buffer;
 using gpu_test::rel_err;
 
 using gpu_test::cuda_ops;
-using gpu_test::Layout;
-using gpu_test::round_bf16;
-using gpu_test::slice;
 
 struct PolyCase {
     int B, H, T, d;
@@ -46,71 +43,16 @@ std::string case_name(const PolyCase& c) {
     return name;
 }
 
-struct Inputs {
-    std::vector<float> qkv, dout;  // canonical (3, B,H,T,d) and (B,H,T,d)
-};
-Inputs make_inputs(const PolyCase& c, uint64_t seed) {
-    Rng rng(seed);
-    const size_t n = (size_t)c.B * c.H * c.T * c.d;
-    Inputs in{std::vector<float>(3 * n), std::vector<float>(n)};
-    auto fill = [&](std::vector<float>& v, float mag) {
-        for (float& x : v) {
-            x = rng.normal() * mag;
-            if (c.dtype == DType::BF16) x = round_bf16(x);
-        }
-    };
-    fill(in.qkv, c.magnitude);
-    fill(in.dout, 1.0f);
-    return in;
-}
-
-struct Result {
-    std::vector<float> o, saved, dq, dk, dv;
-};
+using Inputs = gpu_test::AttnInputs;  // canonical (3, B,H,T,d) qkv and (B,H,T,d) dout
+using Result = gpu_test::AttnRun;     // saved = D, mean/rstd of q and k
+Inputs make_inputs(const PolyCase& c, uint64_t seed) { return gpu_test::random_attn_inputs(c, seed); }
 
 Result run_gpu(const PolyCase& c, const Inputs& in) {
-    Ops& ops = cuda_ops(c.dtype);
     AttnConfig cfg;
     cfg.name = "polynomial";
     cfg.degree = c.degree;
     std::unique_ptr<Attention> attn = make_cuda_polynomial_attention(cfg);
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const size_t n = s.rows() * c.d;
-    const Layout lay{c.B, c.H, c.T, c.d, c.fused};
-    Buffer qkv(ops, c.dtype, 3 * n, "test qkv"), dqkv(ops, c.dtype, 3 * n, "test dqkv");
-    Buffer o(ops, c.dtype, n, "test o"), dout(ops, c.dtype, n, "test dout");
-    Buffer saved(ops, DType::F32, attn->saved_size(s), "test saved");
-    Buffer work(ops, DType::F32, attn->workspace_bytes(s) / 4 + 1, "test workspace");
-    gpu_test::upload(ops, qkv.t(), lay.scatter(in.qkv, 3));
-    gpu_test::upload(ops, dout.t(), lay.scatter(in.dout, 1));
-    const HeadTensor q = lay.view(qkv.t(), 0, 3), k = lay.view(qkv.t(), 1, 3), v = lay.view(qkv.t(), 2, 3);
-    const HeadTensor dq = lay.view(dqkv.t(), 0, 3), dk = lay.view(dqkv.t(), 1, 3), dv = lay.view(dqkv.t(), 2, 3);
-    const HeadTensor o_view = lay.view(o.t(), 0, 1), dout_view = lay.view(dout.t(), 0, 1);
-    auto download = [&](const Buffer& b) {
-        ops.synchronize();
-        return gpu_test::download(ops, b.t());
-    };
-    gpu_test::poison(ops, o.t());
-    gpu_test::poison(ops, saved.t());
-    attn->forward(s, AttnContext{}, o_view, q, k, v, saved.t().f32(), Tensor{}, work.t().ptr);
-    Result r;
-    r.o = lay.gather(download(o), 1);
-    r.saved = download(saved);
-    std::vector<float> first;
-    for (int pass = 0; pass < 2; pass++) {
-        gpu_test::poison(ops, dqkv.t());
-        gpu_test::poison(ops, work.t());
-        attn->backward(s, AttnContext{}, dq, dk, dv, Tensor{}, dout_view, q, k, v, o_view,
-                       saved.t().f32(), Tensor{}, work.t().ptr);
-        std::vector<float> grads = download(dqkv);
-        if (pass == 0) first = grads;
-        else EXPECT_TRUE(gpu_test::bitwise_equal(first, grads)) << "backward is not bitwise deterministic";
-    }
-    const std::vector<float> grads = lay.gather(first, 3);
-    r.dq = slice(grads, 0, n);
-    r.dk = slice(grads, 1, n);
-    r.dv = slice(grads, 2, n);
-    return r;
+    return gpu_test::run_gpu_attention(*attn, c, in);
 }
 
 // fp64 reference on the same inputs; the backward differentiates at the GPU's o.
@@ -126,8 +68,8 @@ Result run_cpu(const PolyCase& c, const Inputs& in, const std::vector<float>& gp
     polynomial_attention_backward<double>(s, c.degree, view(dq.data()), view(dk.data()), view(dv.data()),
                                           view(dout.data()), view(qkv.data()), view(qkv.data() + n),
                                           view(qkv.data() + 2 * n), view(o_gpu.data()), saved.data());
-    auto f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
-    return Result{f(o), f(saved), f(dq), f(dk), f(dv)};
+    using gpu_test::to_floats;
+    return Result{to_floats(o), to_floats(saved), to_floats(dq), to_floats(dk), to_floats(dv), {}};
 }
 
 class PolynomialCudaVsCpu : public ::testing::TestWithParam<PolyCase> {};

@@ -14,6 +14,7 @@
 // rounds to v exactly in bf16, so g·C = dO·(v − o) / (1 + w) cancels to rounding noise: the fp64
 // reference holds ~1e-16, the GPU's fp32 ~1e-7..1e-5 rms (even the exact-o gradient is < 1e-3 rms),
 // and the plain relative error reads ~1e9.
+#include "attn_gpu_harness.h"
 #include "gpu_test_util.h"
 
 #include <algorithm>
@@ -32,9 +33,7 @@
 
 namespace {
 
-using gpu_test::Buffer;
 using gpu_test::rel_err;
-
 using gpu_test::rel_err_floor;
 
 using gpu_test::cuda_ops;
@@ -67,18 +66,12 @@ AttnConfig config_of(const SketchCase& c) {
     return cfg;
 }
 
-struct Inputs {
-    std::vector<float> qkv, dout;  // canonical (3, B,H,T,d) and (B,H,T,d)
-    std::vector<float> params;     // learned sketch (stored values), empty for the random one
-    std::vector<float> dparams0;   // initial dparams (the backward adds to it)
-};
+using Inputs = gpu_test::AttnInputs;  // qkv, dout; params: the learned sketch (stored values), empty
+                                      // for the random one; dparams0: initial dparams (the backward adds to it)
 Inputs make_inputs(const SketchCase& c, uint64_t seed) {
     Rng rng(seed);
-    const size_t n = (size_t)c.B * c.H * c.T * c.d;
-    Inputs in{std::vector<float>(3 * n), std::vector<float>(n), {}, {}};
+    Inputs in = gpu_test::random_attn_inputs(c, rng);
     auto round = [&](float x) { return c.dtype == DType::BF16 ? round_bf16(x) : x; };
-    for (float& x : in.qkv) x = round(rng.normal() * c.magnitude);
-    for (float& x : in.dout) x = round(rng.normal());
     if (c.learned) {
         const PolySketchLayout L = polysketch_layout(c.d, c.r);
         in.params.resize(L.total);
@@ -97,66 +90,14 @@ Inputs make_inputs(const SketchCase& c, uint64_t seed) {
     return in;
 }
 
-struct Result {
-    std::vector<float> o, den, dq, dk, dv, dparams;  // dparams: the increment
-};
+using Result = gpu_test::AttnRun;  // saved = the denominators 1 + δ; dparams: the increment
 
 Result run_gpu(const SketchCase& c, const Inputs& in) {
-    Ops& ops = cuda_ops(c.dtype);
     std::unique_ptr<Attention> attn = make_cuda_polysketch_attention(config_of(c));
-    const AttnShape s{c.B, c.H, c.T, c.d};
-    const size_t n = s.rows() * c.d;
-    const Layout lay{c.B, c.H, c.T, c.d, c.fused};
-    const size_t np = attn->num_params(c.d);
-    EXPECT_EQ(np, in.params.size());
-    Buffer qkv(ops, c.dtype, 3 * n, "test qkv"), dqkv(ops, c.dtype, 3 * n, "test dqkv");
-    Buffer o(ops, c.dtype, n, "test o"), dout(ops, c.dtype, n, "test dout");
-    Buffer saved(ops, DType::F32, attn->saved_size(s), "test saved");
-    Buffer work(ops, DType::F32, attn->workspace_bytes(s) / 4 + 1, "test workspace");
-    Buffer params(ops, c.dtype, np + 1, "test params"), dparams(ops, DType::F32, np + 1, "test dparams");
-    gpu_test::upload(ops, qkv.t(), lay.scatter(in.qkv, 3));
-    gpu_test::upload(ops, dout.t(), lay.scatter(in.dout, 1));
-    const Tensor params_t = np ? params.t().slice(0, np) : Tensor{};
-    const Tensor dparams_t = np ? dparams.t().slice(0, np) : Tensor{};
-    if (np) gpu_test::upload(ops, params_t, in.params);
-    const HeadTensor q = lay.view(qkv.t(), 0, 3), k = lay.view(qkv.t(), 1, 3), v = lay.view(qkv.t(), 2, 3);
-    const HeadTensor dq = lay.view(dqkv.t(), 0, 3), dk = lay.view(dqkv.t(), 1, 3), dv = lay.view(dqkv.t(), 2, 3);
-    const HeadTensor o_view = lay.view(o.t(), 0, 1), dout_view = lay.view(dout.t(), 0, 1);
-    auto download = [&](const Tensor& t) {
-        ops.synchronize();
-        return gpu_test::download(ops, t);
-    };
-    gpu_test::poison(ops, o.t());
-    gpu_test::poison(ops, saved.t());
-    gpu_test::poison(ops, work.t());
-    attn->forward(s, AttnContext{}, o_view, q, k, v, saved.t().f32(), params_t, work.t().ptr);
-    Result r;
-    r.o = lay.gather(download(o.t()), 1);
-    r.den = download(saved.t());
-    std::vector<float> first, first_dp;
-    for (int pass = 0; pass < 2; pass++) {
-        gpu_test::poison(ops, dqkv.t());
-        gpu_test::poison(ops, work.t());
-        if (np) gpu_test::upload(ops, dparams_t, in.dparams0);
-        attn->backward(s, AttnContext{}, dq, dk, dv, dparams_t, dout_view, q, k, v, o_view, saved.t().f32(),
-                       params_t, work.t().ptr);
-        std::vector<float> grads = download(dqkv.t());
-        std::vector<float> dp = np ? download(dparams_t) : std::vector<float>{};
-        if (pass == 0) {
-            first = grads;
-            first_dp = dp;
-        } else {
-            EXPECT_TRUE(gpu_test::bitwise_equal(first, grads)) << "backward dq/dk/dv not bitwise deterministic";
-            EXPECT_TRUE(gpu_test::bitwise_equal(first_dp, dp)) << "dparams not bitwise deterministic";
-        }
-    }
-    const std::vector<float> grads = lay.gather(first, 3);
-    r.dq = slice(grads, 0, n);
-    r.dk = slice(grads, 1, n);
-    r.dv = slice(grads, 2, n);
-    r.dparams.resize(np);
-    for (size_t i = 0; i < np; i++) r.dparams[i] = (float)((double)first_dp[i] - (double)in.dparams0[i]);
-    return r;
+    gpu_test::AttnRunOptions opt;
+    opt.poison_workspace_in_forward = true;
+    opt.learned_params = true;
+    return gpu_test::run_gpu_attention(*attn, c, in, opt);
 }
 
 // fp64 reference on the same inputs; the backward differentiates at the GPU's o.
@@ -189,8 +130,8 @@ Result run_cpu(const SketchCase& c, const Inputs& in, const std::vector<float>& 
                                           c.learned ? dsketch.data() : nullptr, cv(dout.data()), cv(qkv.data()),
                                           cv(qkv.data() + n), cv(qkv.data() + 2 * n), cv(o_gpu.data()),
                                           sketch.data(), den.data());
-    auto f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
-    return Result{f(o), f(den), f(dq), f(dk), f(dv), f(dsketch)};
+    using gpu_test::to_floats;
+    return Result{to_floats(o), to_floats(den), to_floats(dq), to_floats(dk), to_floats(dv), to_floats(dsketch)};
 }
 
 class PolySketchCudaVsCpu : public ::testing::TestWithParam<SketchCase> {};
@@ -203,7 +144,7 @@ TEST_P(PolySketchCudaVsCpu, ForwardGradientsAndParamGradient) {
     // fp32: summation order only; bf16: inputs and params identical, outputs rounded to bf16
     const double tol = c.dtype == DType::BF16 ? 3e-2 : 1e-4;
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
-    EXPECT_LE(rel_err(gpu.den, cpu.den), 1e-4) << "saved 1 + δ (fp32 in both modes)";
+    EXPECT_LE(rel_err(gpu.saved, cpu.saved), 1e-4) << "saved 1 + δ (fp32 in both modes)";
     // dq, dk vanish to rounding noise where a row's own weight dominates (see the file comment)
     constexpr double kGradFloorRms = 1e-2;
     EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, kGradFloorRms), tol) << "dq";
@@ -250,21 +191,14 @@ TEST(PolySketchCudaEquivalence, OneExactBlockIsPolynomial) {
         std::unique_ptr<Attention> poly = make_cuda_polynomial_attention(cfg);
         const AttnShape s{c.B, c.H, c.T, c.d};
         const size_t n = s.rows() * c.d;
-        const Layout lay{c.B, c.H, c.T, c.d, c.fused};
-        Buffer qkv(ops, dt, 3 * n, "test qkv"), dqkv(ops, dt, 3 * n, "test dqkv");
-        Buffer o(ops, dt, n, "test o"), dout(ops, dt, n, "test dout");
-        Buffer saved(ops, DType::F32, poly->saved_size(s), "test saved");
-        Buffer work(ops, DType::F32, poly->workspace_bytes(s) / 4 + 1, "test workspace");
-        gpu_test::upload(ops, qkv.t(), lay.scatter(in.qkv, 3));
-        gpu_test::upload(ops, dout.t(), lay.scatter(in.dout, 1));
-        const HeadTensor q = lay.view(qkv.t(), 0, 3), k = lay.view(qkv.t(), 1, 3), v = lay.view(qkv.t(), 2, 3);
-        poly->forward(s, AttnContext{}, lay.view(o.t(), 0, 1), q, k, v, saved.t().f32(), Tensor{}, work.t().ptr);
-        poly->backward(s, AttnContext{}, lay.view(dqkv.t(), 0, 3), lay.view(dqkv.t(), 1, 3), lay.view(dqkv.t(), 2, 3),
-                       Tensor{}, lay.view(dout.t(), 0, 1), q, k, v, lay.view(o.t(), 0, 1), saved.t().f32(), Tensor{},
-                       work.t().ptr);
+        const Layout lay = gpu_test::layout_of(c);
+        const gpu_test::AttnGpuBuffers b(ops, dt, lay, *poly, in);
+        poly->forward(s, AttnContext{}, b.o_view, b.q, b.k, b.v, b.saved.t().f32(), Tensor{}, b.work.t().ptr);
+        poly->backward(s, AttnContext{}, b.dq, b.dk, b.dv, Tensor{}, b.dout_view, b.q, b.k, b.v, b.o_view,
+                       b.saved.t().f32(), Tensor{}, b.work.t().ptr);
         ops.synchronize();
-        const std::vector<float> po = lay.gather(gpu_test::download(ops, o.t()), 1);
-        const std::vector<float> grads = lay.gather(gpu_test::download(ops, dqkv.t()), 3);
+        const std::vector<float> po = lay.gather(gpu_test::download(ops, b.o.t()), 1);
+        const std::vector<float> grads = lay.gather(gpu_test::download(ops, b.dqkv.t()), 3);
         // different summation orders (tiles vs rows): fp32 rounding, or one bf16 ulp of the outputs
         const double tol = dt == DType::BF16 ? 1e-2 : 1e-5;
         EXPECT_LE(rel_err(sk.o, po), tol) << "o " << dtype_name(dt);
