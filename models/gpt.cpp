@@ -93,7 +93,7 @@ struct GPT::Acts {
     Tensor dbt4c;                // (N, 4C)
 };
 
-GPT::GPT(const GPTConfig& c, Ops& o, int B_, int T_) : cfg(c), ops(o), B(B_), T(T_) {
+GPT::GPT(const GPTConfig& c, Ops& o, int B_, int T_, const DataParallel& dp) : cfg(c), ops(o), B(B_), T(T_) {
     validate_config(cfg);
     CHECK(B >= 1, "--batch %d must be positive", B);
     CHECK(T >= 1 && T <= cfg.max_seq, "--seq %d is beyond the model's context %d; lower --seq or use a model with a longer context",
@@ -105,12 +105,29 @@ GPT::GPT(const GPTConfig& c, Ops& o, int B_, int T_) : cfg(c), ops(o), B(B_), T(
     // ---- parameters, gradients, optimizer state: one arena each, same layout
     num_params_ = 0;
     for (const ParamSpec& s : specs_) num_params_ += s.size;
+    size_t arena_n = num_params_, state_n = num_params_;  // replicated optimizer state
+    if (dp.comm) {
+        CHECK(dp.zero == 0 || dp.zero == 1, "--zero %d: expected 0 (replicated optimizer state) or 1 (sharded, ZeRO-1)", dp.zero);
+        comm_ = dp.comm;
+        zero_ = dp.zero;
+        bucket_grads_ = dp.bucket_grads;
+    }
+    if (zero_ == 1) {
+        // ZeRO-1: parameters and gradients padded to a multiple of world (the collectives move
+        // equal chunks; the padding stays 0); rank r keeps the optimizer state of its shard only
+        const size_t world = comm_->world();
+        padded_ = (num_params_ + world - 1) / world * world;
+        shard_size_ = padded_ / world;
+        shard_begin_ = comm_->rank() * shard_size_;
+        arena_n = padded_;
+        state_n = shard_size_;
+    }
     const DType adt = ops.act_dtype();
-    params_mem_ = ops.alloc(num_params_ * dtype_size(adt), "parameters");
-    if (ops.has_master_weights()) master_mem_ = ops.alloc(num_params_ * 4, "master weights");
-    grads_mem_ = ops.alloc(num_params_ * 4, "gradients");
-    m_mem_ = ops.alloc(num_params_ * 4, "AdamW m");
-    v_mem_ = ops.alloc(num_params_ * 4, "AdamW v");
+    params_mem_ = ops.alloc(arena_n * dtype_size(adt), "parameters");
+    if (ops.has_master_weights()) master_mem_ = ops.alloc(state_n * 4, zero_ ? "master weights (shard)" : "master weights");
+    grads_mem_ = ops.alloc(arena_n * 4, "gradients");
+    m_mem_ = ops.alloc(state_n * 4, zero_ ? "AdamW m (shard)" : "AdamW m");
+    v_mem_ = ops.alloc(state_n * 4, zero_ ? "AdamW v (shard)" : "AdamW v");
     Tensor P{params_mem_, adt, num_params_}, G{grads_mem_, DType::F32, num_params_};
     size_t off = 0;
     for (const ParamSpec& s : specs_) {  // per-tensor views (the optimizer works on flat runs)
@@ -470,51 +487,6 @@ std::vector<GPT::DecayRun> GPT::decay_runs() const {
         off += n;
     }
     return runs;
-}
-
-void GPT::set_data_parallel(Communicator* comm, int zero, bool bucket_grads) {
-    CHECK(comm, "set_data_parallel: no communicator");
-    CHECK(zero == 0 || zero == 1, "--zero %d: expected 0 (replicated optimizer state) or 1 (sharded, ZeRO-1)", zero);
-    CHECK(comm_ == nullptr, "set_data_parallel: called twice");
-    comm_ = comm;
-    zero_ = zero;
-    bucket_grads_ = bucket_grads;
-    if (zero == 0) return;
-    const size_t world = comm->world();
-    padded_ = (num_params_ + world - 1) / world * world;
-    shard_size_ = padded_ / world;
-    shard_begin_ = comm->rank() * shard_size_;
-    // parameters and gradients: padded (the collectives move equal chunks); padding stays 0
-    const DType adt = ops.act_dtype();
-    void* new_params = ops.alloc(padded_ * dtype_size(adt), "parameters");
-    ops.copy(Tensor{new_params, adt, num_params_}, Tensor{params_mem_, adt, num_params_});
-    ops.release(params_mem_);
-    params_mem_ = new_params;
-    ops.release(grads_mem_);
-    grads_mem_ = ops.alloc(padded_ * 4, "gradients");
-    // optimizer state: this rank's shard only (the masters start from the current parameters)
-    void* new_master = nullptr;
-    if (master_mem_) {
-        new_master = ops.alloc(shard_size_ * 4, "master weights (shard)");
-        if (shard_begin_ < num_params_) {
-            const size_t n = std::min(shard_size_, num_params_ - shard_begin_);
-            ops.copy(Tensor{new_master, DType::F32, n}, Tensor{master_mem_, DType::F32, num_params_}.slice(shard_begin_, n));
-        }
-        ops.release(master_mem_);
-        master_mem_ = new_master;
-    }
-    ops.release(m_mem_);
-    ops.release(v_mem_);
-    m_mem_ = ops.alloc(shard_size_ * 4, "AdamW m (shard)");
-    v_mem_ = ops.alloc(shard_size_ * 4, "AdamW v (shard)");
-    // per-tensor views: parameters and gradients keep the flat layout; the sharded state has none
-    Tensor P{params_mem_, adt, num_params_}, G{grads_mem_, DType::F32, num_params_};
-    size_t off = 0;
-    for (size_t id = 0; id < specs_.size(); id++) {
-        params_[id] = P.slice(off, specs_[id].size);
-        grads_[id] = G.slice(off, specs_[id].size);
-        off += specs_[id].size;
-    }
 }
 
 std::vector<std::vector<Tensor>> GPT::gradient_buckets() const {

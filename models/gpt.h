@@ -44,10 +44,20 @@ struct ParamSpec {
 };
 std::vector<ParamSpec> param_specs(const GPTConfig& cfg, size_t attn_params_per_layer);
 
+// How a model is trained across ranks: none (comm = nullptr), or data parallel over `comm` with
+// the optimizer state replicated (zero 0) or sharded (zero 1, ZeRO-1), the gradients of the last
+// micro-step reduced per layer during the backward (bucket_grads, zero 0 only).
+struct DataParallel {
+    Communicator* comm = nullptr;
+    int zero = 0;
+    bool bucket_grads = true;
+};
+
 class GPT {
 public:
-    // Allocates every arena for micro-batches of at most (B, T) tokens.
-    GPT(const GPTConfig& cfg, Ops& ops, int B, int T);
+    // Allocates every arena for micro-batches of at most (B, T) tokens; under ZeRO-1 the optimizer
+    // state only for this rank's shard.
+    GPT(const GPTConfig& cfg, Ops& ops, int B, int T, const DataParallel& dp = {});
     ~GPT();
     GPT(const GPT&) = delete;
     GPT& operator=(const GPT&) = delete;
@@ -80,7 +90,7 @@ public:
                   float grad_scale, int64_t step);
     void zero_grad();
     // last_micro_step: the last backward before reduce_gradients(). With data parallel under
-    // ZeRO 0 and bucketing on (set_data_parallel), each layer's gradients start their all-reduce
+    // ZeRO 0 and bucketing on (DataParallel), each layer's gradients start their all-reduce
     // (asynchronous, see gradient_buckets) as soon as they are complete, overlapping the rest of
     // the backward; the gradients must then not be touched until reduce_gradients().
     void backward(bool last_micro_step = false);
@@ -93,8 +103,8 @@ public:
     void adamw_step(float lr, float beta1, float beta2, float eps, float weight_decay, int step,
                     float grad_scale);
 
-    // ---- data parallel over the ranks of `comm` (src/comm.h). Call once, right after
-    // construction. zero 0: every rank keeps the whole optimizer state; gradients are
+    // ---- data parallel over the ranks of `dp.comm` (src/comm.h), fixed at construction (see
+    // DataParallel). zero 0: every rank keeps the whole optimizer state; gradients are
     // all-reduced. zero 1 (ZeRO-1): the parameters are laid out padded to a multiple of world;
     // rank r owns elements [shard_begin, shard_begin + shard_size) of that layout and keeps only
     // their AdamW m, v (and fp32 masters); gradients are reduce-scattered, AdamW updates the
@@ -103,7 +113,6 @@ public:
     // collective (it gathers the masters): every rank calls it.
     // bucket_grads (zero 0 only; --bucket-grads): reduce the gradients per layer, overlapped with
     // the backward of the last micro-step; otherwise one collective after it.
-    void set_data_parallel(Communicator* comm, int zero, bool bucket_grads = true);
     int zero_stage() const { return zero_; }
     // After the last micro-step's backward: sums the gradients over the ranks (zero 0: all of
     // them; zero 1: this rank's shard). When backward(true) started the buckets: waits for them;
@@ -145,7 +154,7 @@ private:
     std::vector<size_t> act_bytes_;   // for the memory plan
     size_t acts_total_ = 0, workspace_bytes_ = 0;
 
-    // data parallel (set_data_parallel)
+    // data parallel (DataParallel)
     Communicator* comm_ = nullptr;
     int zero_ = 0;
     bool bucket_grads_ = true;

@@ -256,8 +256,7 @@ int run(int argc, char** argv) {
     std::unique_ptr<Ops> ops = cuda ? make_cuda_ops(opt.precision == "fp32" ? DType::F32 : DType::BF16) : make_cpu_ops();
     ModelFile loaded;
     GPTConfig cfg = model_config(opt, &loaded);
-    GPT model(cfg, *ops, opt.batch, opt.seq);
-    model.set_data_parallel(&comm, opt.zero, opt.bucket_grads);
+    GPT model(cfg, *ops, opt.batch, opt.seq, DataParallel{&comm, opt.zero, opt.bucket_grads});
     std::printf("%s\n", model.memory_plan().c_str());
 
     int start_step = 0;

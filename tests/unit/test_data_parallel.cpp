@@ -79,8 +79,7 @@ RankRun train_rank(const GPTConfig& cfg, Communicator* comm, int zero, const std
     const int world = comm ? comm->world() : 1, rank = comm ? comm->rank() : 0;
     const int rows = kGlobalRows / world;
     auto ops = make_cpu_ops();
-    GPT model(cfg, *ops, rows, kT);
-    if (comm) model.set_data_parallel(comm, zero, bucket);
+    GPT model(cfg, *ops, rows, kT, comm ? DataParallel{comm, zero, bucket} : DataParallel{});
     model.init_weights(seed);
     for (int step = 0; step < steps; step++) {
         model.zero_grad();
