@@ -39,6 +39,7 @@
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/attention/flash_traits.cuh"
 #include "cuda/common.cuh"
+#include "cuda/attention/strided.cuh"
 
 namespace {
 
@@ -48,17 +49,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Which keys a query sees. Causal: j <= i. Window: i - W + 1 <= j <= i.
 enum class Mask { Causal, Window };
 
-// A HeadTensor on the device: element (b, h, t, i) at ptr + b*sb + h*sh + t*st + i.
-struct Strided {
-    void* ptr;
-    int64_t sb, sh, st;
-};
-Strided strided(const HeadTensor& t) { return Strided{t.ptr, t.sb, t.sh, t.st}; }
-
-template <typename T>
-__device__ __forceinline__ T* head_slice(const Strided& s, int b, int h) {
-    return static_cast<T*>(s.ptr) + b * s.sb + h * s.sh;
-}
 
 template <Mask kMask>
 __device__ __forceinline__ bool masked(int query, int key, int window) {

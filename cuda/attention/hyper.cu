@@ -48,6 +48,7 @@
 #include "check.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/common.cuh"
+#include "cuda/attention/strided.cuh"
 
 namespace {
 
@@ -57,12 +58,6 @@ constexpr int kNodeFields = 5;     // start, split, n, draws_at, level
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// A HeadTensor on the device: element (b, h, t, i) at ptr + b*sb + h*sh + t*st + i.
-struct Strided {
-    void* ptr;
-    int64_t sb, sh, st;
-};
-Strided strided(const HeadTensor& t) { return Strided{t.ptr, t.sb, t.sh, t.st}; }
 
 template <typename T>
 __device__ __forceinline__ T* row_ptr(const Strided& s, int b, int h, int t) {

@@ -47,6 +47,7 @@
 #include "check.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/common.cuh"
+#include "cuda/attention/strided.cuh"
 
 namespace {
 
@@ -56,17 +57,6 @@ constexpr int kBK = 16;                  // block_gemm reduction slab
 constexpr int kThreads = 256;            // every kernel but the scans: 256 threads
 static_assert(kChunk == kTile, "one chunk is one GEMM tile of rows");
 
-// A HeadTensor on the device: element (b, h, t, i) at ptr + b*sb + h*sh + t*st + i.
-struct Strided {
-    void* ptr;
-    int64_t sb, sh, st;
-};
-Strided strided(const HeadTensor& t) { return Strided{t.ptr, t.sb, t.sh, t.st}; }
-
-template <typename T>
-__device__ __forceinline__ T* head_slice(const Strided& s, int b, int h) {
-    return static_cast<T*>(s.ptr) + b * s.sb + h * s.sh;
-}
 
 // Sizes and constants of one call.
 struct Dims {

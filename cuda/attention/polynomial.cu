@@ -32,6 +32,7 @@
 #include "check.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/common.cuh"
+#include "cuda/attention/strided.cuh"
 
 namespace {
 
@@ -40,17 +41,6 @@ constexpr int kTile = 64;       // query and key tile (Br = Bc)
 constexpr int kThreads = 256;   // 16 × 16 threads, 4 × 4 micro-tiles
 constexpr int kLdS = kTile + 1; // row stride of the (64, 64) weight tiles in shared memory
 
-// A HeadTensor on the device: element (b, h, t, i) at ptr + b*sb + h*sh + t*st + i.
-struct Strided {
-    void* ptr;
-    int64_t sb, sh, st;
-};
-Strided strided(const HeadTensor& t) { return Strided{t.ptr, t.sb, t.sh, t.st}; }
-
-template <typename T>
-__device__ __forceinline__ T* head_slice(const Strided& s, int b, int h) {
-    return static_cast<T*>(s.ptr) + b * s.sb + h * s.sh;
-}
 
 __device__ __forceinline__ float ipow(float x, int p) {
     float r = 1.f;

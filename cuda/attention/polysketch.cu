@@ -44,6 +44,7 @@
 #include "check.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/common.cuh"
+#include "cuda/attention/strided.cuh"
 
 namespace {
 
@@ -54,12 +55,6 @@ constexpr int kGradSliceRows = 256;  // rows per partial of the sketch-parameter
 constexpr int64_t kPhiFloats = int64_t(1) << 25;  // Φ / V buffer of the state GEMMs (128 MB; at least one block)
 constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane)
 
-// A HeadTensor on the device: element (b, h, t, i) at ptr + b*sb + h*sh + t*st + i.
-struct Strided {
-    void* ptr;
-    int64_t sb, sh, st;
-};
-Strided strided(const HeadTensor& t) { return Strided{t.ptr, t.sb, t.sh, t.st}; }
 
 // Row n = (b·H + h)·T + t of a strided head tensor.
 template <typename T>
