@@ -141,6 +141,29 @@ void feature_backward(const Features<T>& F, const std::vector<T>& dphi, const fl
     }
 }
 
+// Prefix state S (m, d+1) += the keys c0..c1-1 of head (b, h): φ(k_j)·[v_j | 1], everything in
+// the frame of the chunk's last key (the carried state is rescaled by exp(ck[c0-1] - ck[c1-1])).
+template <typename T>
+void add_chunk_to_state(std::vector<T>& S, const Features<T>& K, const T* ck, const HeadTensor& v, int b, int h,
+                        int c0, int c1, int m, int d) {
+    const int dc = d + 1;
+    if (c0 > 0) {
+        const T r = std::exp(ck[c0 - 1] - ck[c1 - 1]);
+        for (T& x : S) x *= r;
+    }
+    for (int j = c0; j < c1; j++) {
+        const T r = std::exp(ck[j] - ck[c1 - 1]);
+        const T* pk = &K.phi[(size_t)j * m];
+        const T* vj = row_ptr<T>(v, b, h, j);
+        for (int f = 0; f < m; f++) {
+            const T pf = pk[f] * r;
+            T* Sf = &S[(size_t)f * dc];
+            for (int c = 0; c < d; c++) Sf[c] += pf * vj[c];
+            Sf[d] += pf;
+        }
+    }
+}
+
 }  // namespace
 
 template <typename T>
@@ -195,22 +218,7 @@ void performer_forward(const AttnShape& s, const float* omega, int m, T epsilon,
                     for (int c = 0; c < d; c++) oi[c] = ok ? out[c] / R : (T)0;
                     saved_R[row0 + i] = ok ? R : (T)0;
                 }
-                // S += this chunk's keys, all in the frame of the chunk's last key
-                if (c0 > 0) {
-                    const T r = std::exp(ck[c0 - 1] - ck[c1 - 1]);
-                    for (T& x : S) x *= r;
-                }
-                for (int j = c0; j < c1; j++) {
-                    const T r = std::exp(ck[j] - ck[c1 - 1]);
-                    const T* pk = &K.phi[(size_t)j * m];
-                    const T* vj = row_ptr<T>(v, b, h, j);
-                    for (int f = 0; f < m; f++) {
-                        const T pf = pk[f] * r;
-                        T* Sf = &S[(size_t)f * dc];
-                        for (int c = 0; c < d; c++) Sf[c] += pf * vj[c];
-                        Sf[d] += pf;
-                    }
-                }
+                add_chunk_to_state(S, K, ck, v, b, h, c0, c1, m, d);  // S += this chunk's keys
             }
         }
 }
@@ -266,21 +274,7 @@ void performer_backward(const AttnShape& s, const float* omega, int m, T epsilon
                         for (int f = 0; f < m; f++) dpq[f] += coef * pk[f];
                     }
                 }
-                if (c0 > 0) {
-                    const T r = std::exp(ck[c0 - 1] - ck[c1 - 1]);
-                    for (T& x : S) x *= r;
-                }
-                for (int j = c0; j < c1; j++) {
-                    const T r = std::exp(ck[j] - ck[c1 - 1]);
-                    const T* pk = &K.phi[(size_t)j * m];
-                    const T* vj = row_ptr<T>(v, b, h, j);
-                    for (int f = 0; f < m; f++) {
-                        const T pf = pk[f] * r;
-                        T* Sf = &S[(size_t)f * dc];
-                        for (int c = 0; c < d; c++) Sf[c] += pf * vj[c];
-                        Sf[d] += pf;
-                    }
-                }
+                add_chunk_to_state(S, K, ck, v, b, h, c0, c1, m, d);  // S += this chunk's keys
             }
 
             // reverse scan with the suffix state G = Σ_{i in later chunks} exp(ck_last − ck_i)·φq_i·g_iᵀ
