@@ -8,11 +8,13 @@
 //
 // Per (b, h) the keys are cut into chunks of kChunk = 64 positions (the CPU's kPerformerChunk).
 // Every step below is a small batched fp32 GEMM (block_gemm: 64×64 output tile per 256-thread
-// block, on the tensor cores with fp32 accuracy (3xTF32), operands read through loaders that
-// compute features on the fly); all sums run in a fixed order, no atomics: forward and backward
-// are bitwise deterministic.
+// block, on the tensor cores: 3xTF32 (fp32 accuracy) for the logits and the feature-map
+// gradient and for everything in the fp32 path, one TF32 product for the other products in the
+// bf16 path but the cancelling scores M (see block_gemm); operands read through loaders that compute features on the fly); all sums run in a
+// fixed order, no atomics: forward and backward are bitwise deterministic.
 //   forward   1. logits a = x̃·Ωᵀ − ‖x̃‖²/2 of q and k            -> workspace (B,H,T,m)
-//             2. cq (row max), ck (running max)                   -> saved
+//                and their maxima over each 64-feature tile      -> workspace (B,H,T,m/64)
+//             2. cq (row max), ck (running max: a block scan)     -> saved
 //             3. per chunk c: U_c = Σ_{j∈c} exp(ck_j − ck_last(c))·φk_j·[v_j|1]ᵀ   (m × (d+1))
 //             4. exclusive prefix over chunks, in fixed order: S_c (frame ck_last(c−1))
 //             5. per chunk: W = tril(Φq·Φkᵀ ∘ exp(ck_j − ck_i))      (64 × 64)
@@ -30,16 +32,17 @@
 // saved (fp32): R, cq, ck — three (B,H,T) arrays, as the CPU.
 // workspace (fp32), linear in T: logits of q and k and their gradients 4·(B·H·T·m), the chunk
 // states S and G 2·(B·H·nc·m·(d+1)), the chunk scores W and M 2·(B·H·nc·64·64), one (B,H,T,d+1)
-// row buffer; nc = ceil(T/64). About B·H·T·(4m + 2m(d+1)/64 + 128 + d + 1) floats: 6.9 KB per
+// row buffer; nc = ceil(T/64). About B·H·T·(4m + 2m(d+1)/64 + 128 + d + 1 + 2m/64) floats: 6.9 KB per
 // (b, h, t) at m = 256, d = 64 (670 MB at B·H = 96, T = 1024).
 // Any head dim d ≥ 1 and feature count m ≥ 1; inputs bf16 or fp32 (all tensors one dtype),
-// strided HeadTensors; outputs in the input dtype; all math in fp32.
+// strided HeadTensors; outputs in the input dtype; all accumulation in fp32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -77,11 +80,13 @@ struct Work {
     float* score_w;  // (B,H,nc,64,64) W
     float* score_m;  // (B,H,nc,64,64) M
     float* rows;     // (B,H,T,d+1) forward: unnormalised out; backward: g
+    float* qmax;     // (B,H,T,ceil(m/64)) max of aq over each 64-feature tile
+    float* kmax;     // (B,H,T,ceil(m/64)) max of ak over each 64-feature tile
 };
 
 struct WorkLayout {
-    size_t logits, states, scores, rows;
-    size_t total() const { return 4 * logits + 2 * states + 2 * scores + rows; }
+    size_t logits, states, scores, rows, tile_max;
+    size_t total() const { return 4 * logits + 2 * states + 2 * scores + rows + 2 * tile_max; }
     Work carve(float* base) const {
         Work w;
         w.aq = base;
@@ -93,13 +98,15 @@ struct WorkLayout {
         w.score_w = w.state_g + states;
         w.score_m = w.score_w + scores;
         w.rows = w.score_m + scores;
+        w.qmax = w.rows + rows;
+        w.kmax = w.qmax + tile_max;
         return w;
     }
 };
 WorkLayout work_layout(const AttnShape& s, int m) {
     const size_t bh = (size_t)s.B * s.H, nc = (size_t)ceil_div(s.T, kChunk);
     return WorkLayout{bh * s.T * m, bh * nc * m * (s.d + 1), bh * nc * kChunk * kChunk,
-                      bh * s.T * (s.d + 1)};
+                      bh * s.T * (s.d + 1), bh * s.T * ceil_div(m, kTile)};
 }
 
 // ---------------------------------------------------------------- the block GEMM
@@ -118,6 +125,8 @@ WorkLayout work_layout(const AttnShape& s, int m) {
 // (the PTX m16n8k8 accumulator layout: c0, c1 at row g, columns 2t, 2t+1; c2, c3 at row g + 8).
 // Shared rows are padded by 8 floats: the fragment reads (lane 4g + t reads k = t, i = g) hit 32
 // distinct banks.
+enum class Tf32 { Split, SplitA, Single };  // see block_gemm
+
 struct GemmSmem {
     float a[kBK][kTile + 8];  // a[k][i] = A(i, k0 + k)
     float b[kBK][kTile + 8];  // b[k][j] = B(k0 + k, j)
@@ -164,7 +173,17 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-template <bool kAKFast, bool kBKFast, typename LoadA, typename LoadB>
+// How many TF32 products make one fp32 product (the `kTf32` template argument):
+//   Tf32::Split   3 products (above): fp32 accuracy.
+//   Tf32::SplitA  2 products, A_lo·B_hi + A_hi·B_hi: exact when B is exactly TF32 (bf16 values,
+//                 ones), as in M = g·[v|1]ᵀ, whose entries cancel (dO·v_j − dO·o_i) and must keep
+//                 fp32 accuracy (at T = 1 they are 0 by math).
+//   Tf32::Single  1 product (operands rounded to 2^-11 relative, fp32 accumulation), 3× fewer mma.
+// The bf16 path uses Single for the products of features, values and gradients (Tf32Of<bf16>:
+// below the bf16 rounding of its outputs); the logits x̃·Ωᵀ and the feature-map gradient Ωᵀ·da
+// stay Split in both paths, since an absolute logit error δ becomes a relative feature error δ and
+// |a| reaches hundreds for large inputs.
+template <Tf32 kTf32, bool kAKFast, bool kBKFast, typename LoadA, typename LoadB>
 __device__ __forceinline__ void block_gemm(TcAcc& acc, GemmSmem& sm, int k_begin, int k_end, LoadA load_a,
                                            LoadB load_b) {
     constexpr int kPerThread = kBK * kTile / kThreads;  // operand elements each thread stages per slab
@@ -213,14 +232,19 @@ __device__ __forceinline__ void block_gemm(TcAcc& acc, GemmSmem& sm, int k_begin
                 uint32_t b_hi[2], b_lo[2];
                 split_tf32(sm.b[k8 + t][col + 8 * nt], b_hi[0], b_lo[0]);
                 split_tf32(sm.b[k8 + t + 4][col + 8 * nt], b_hi[1], b_lo[1]);
-                mma_tf32(acc.v[nt], a_lo, b_hi);
-                mma_tf32(acc.v[nt], a_hi, b_lo);
+                if (kTf32 != Tf32::Single) mma_tf32(acc.v[nt], a_lo, b_hi);
+                if (kTf32 == Tf32::Split) mma_tf32(acc.v[nt], a_hi, b_lo);
                 mma_tf32(acc.v[nt], a_hi, b_hi);
             }
         }
         __syncthreads();
     }
 }
+
+// Products of features, values and gradients: 3xTF32 in the fp32 (checking) path, one TF32
+// product in the bf16 path (see block_gemm).
+template <typename Tin>
+constexpr Tf32 Tf32Of = std::is_same<Tin, float>::value ? Tf32::Split : Tf32::Single;
 
 // Key stabiliser at the last position of chunk c.
 __device__ __forceinline__ float ck_last(const float* ck, int c, int T) {
@@ -233,16 +257,20 @@ __device__ __forceinline__ float feature(float logit, float stab, const Dims& D)
 }
 
 // ================================================================ forward (and shared) kernels
-// 1. Logits of q and k: a[t][f] = Σ_i Ω[f][i]·x̃[t][i] − ‖x̃_t‖²/2, x̃ = d^(-1/4)·x.
+// 1. Logits of q and k: a[t][f] = Σ_i Ω[f][i]·x̃[t][i] − ‖x̃_t‖²/2, x̃ = d^(-1/4)·x, and the
+// maximum of each row over this block's 64 features: tile_max[t][blockIdx.x] (for the stabilisers).
 // Grid (ceil(m/64), nc, B·H); block: 64 positions × 64 features of both q and k.
 template <typename Tin>
 __global__ void __launch_bounds__(kThreads)
-    logits_kernel(Dims D, Strided Q, Strided K, const float* __restrict__ omega, float* aq, float* ak) {
+    logits_kernel(Dims D, Strided Q, Strided K, const float* __restrict__ omega, float* aq, float* ak,
+                  float* qmax, float* kmax) {
     __shared__ GemmSmem sm;
     __shared__ float half_norm2[kChunk];
+    __shared__ float half_max[kChunk][2];  // [row][column half of the tile]
     const int f0 = blockIdx.x * kTile, c = blockIdx.y, bh = blockIdx.z;
     const int b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int f_tiles = gridDim.x;
     for (int which = 0; which < 2; which++) {
         const Strided X = which == 0 ? Q : K;
         const Tin* x = head_slice<const Tin>(X, b, h);
@@ -261,58 +289,90 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();
         TcAcc acc;
         zero(acc);
-        block_gemm<true, true>(
+        block_gemm<Tf32::Split, true, true>(
             acc, sm, 0, D.d,
             [&](int i, int k) {
                 const int t = t0 + i;
                 return t < D.T ? D.in_scale * to_f32(x[(int64_t)t * X.st + k]) : 0.f;
             },
             [&](int k, int j) { return f0 + j < D.m ? omega[(size_t)(f0 + j) * D.d + k] : 0.f; });
+        // This thread holds rows r and r + 8 (r = 16·(warp%4) + lane/4) at 8 columns of the tile's
+        // half warp/4; the 4 lanes of a row cover the half's 32 columns.
+        float row_max[2] = {-INFINITY, -INFINITY};
         for_tile(acc, [&](int i, int j, float v) {
             const int t = t0 + i, f = f0 + j;
-            if (t < D.T && f < D.m) out[(size_t)t * D.m + f] = v - half_norm2[i];
+            if (t < D.T && f < D.m) {
+                const float a = v - half_norm2[i];
+                out[(size_t)t * D.m + f] = a;
+                row_max[(i / 8) % 2] = fmaxf(row_max[(i / 8) % 2], a);
+            }
         });
-        __syncthreads();  // half_norm2 is rewritten for k
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(kFullMask, row_max[r], 1));
+            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(kFullMask, row_max[r], 2));
+            if (lane % 4 == 0) half_max[16 * (warp % 4) + lane / 4 + 8 * r][warp / 4] = row_max[r];
+        }
+        __syncthreads();
+        float* tile_max = which == 0 ? qmax : kmax;
+        for (int i = threadIdx.x; i < kChunk; i += kThreads)
+            if (t0 + i < D.T)
+                tile_max[((size_t)bh * D.T + t0 + i) * f_tiles + blockIdx.x] = fmaxf(half_max[i][0], half_max[i][1]);
+        __syncthreads();  // half_norm2 and half_max are rewritten for k
     }
 }
 
-// 2. Stabilisers: cq_t = max_f aq[t][f]; ck_t = max_{t' ≤ t} max_f ak[t'][f].
-// Grid (B·H), block 1024 (32 warps = 32 positions per step, carried max in shared memory).
+// 2. Stabilisers: cq_t = max_f aq[t][f]; ck_t = max_{t' ≤ t} max_f ak[t'][f], from the per-tile
+// maxima of the logits kernel. Grid (B·H), block 1024: each thread takes kStabRun consecutive
+// positions, a block scan carries the running max across threads and across rounds of
+// 1024·kStabRun positions. (Max is exact: any order gives the same bits.)
+constexpr int kStabRun = 16;
 __global__ void __launch_bounds__(1024)
-    stabiliser_kernel(Dims D, const float* __restrict__ aq, const float* __restrict__ ak, float* cq, float* ck) {
-    __shared__ float tile_max[32];
+    stabiliser_kernel(Dims D, int f_tiles, const float* __restrict__ qmax, const float* __restrict__ kmax,
+                      float* cq, float* ck) {
+    __shared__ float warp_total[32];
     __shared__ float carry;
     const int bh = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const size_t row0 = (size_t)bh * D.T;
     if (threadIdx.x == 0) carry = -INFINITY;
-    for (int t0 = 0; t0 < D.T; t0 += 32) {
-        const int t = t0 + warp;
-        float mq = -INFINITY, mk = -INFINITY;
-        if (t < D.T) {
-            const float* rq = aq + (row0 + t) * D.m;
-            const float* rk = ak + (row0 + t) * D.m;
-            for (int f = lane; f < D.m; f += 32) {
-                mq = fmaxf(mq, rq[f]);
-                mk = fmaxf(mk, rk[f]);
-            }
-            mq = warp_max(mq);
-            mk = warp_max(mk);
-            if (lane == 0) cq[row0 + t] = mq;
-        }
-        if (lane == 0) tile_max[warp] = mk;
-        __syncthreads();
-        if (warp == 0) {
-            float x = tile_max[lane];
+    __syncthreads();
+    for (int base = 0; base < D.T; base += 1024 * kStabRun) {
+        const int t_begin = base + threadIdx.x * kStabRun;
+        float run[kStabRun];
+        float mine = -INFINITY;  // running max over this thread's positions
 #pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const float y = __shfl_up_sync(kFullMask, x, off);
-                if (lane >= off) x = fmaxf(x, y);
+        for (int u = 0; u < kStabRun; u++) {
+            const int t = t_begin + u;
+            float mq = -INFINITY, mk = -INFINITY;
+            if (t < D.T) {
+                for (int f = 0; f < f_tiles; f++) {
+                    mq = fmaxf(mq, qmax[(row0 + t) * f_tiles + f]);
+                    mk = fmaxf(mk, kmax[(row0 + t) * f_tiles + f]);
+                }
+                cq[row0 + t] = mq;
             }
-            x = fmaxf(x, carry);
-            if (t0 + lane < D.T) ck[row0 + t0 + lane] = x;
-            __syncwarp();
-            if (lane == 31) carry = x;
+            mine = fmaxf(mine, mk);
+            run[u] = mine;
         }
+        // exclusive max over the threads before this one: warp scan, then the warp totals
+        float incl = mine;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const float y = __shfl_up_sync(kFullMask, incl, off);
+            if (lane >= off) incl = fmaxf(incl, y);
+        }
+        if (lane == 31) warp_total[warp] = incl;
+        float excl = __shfl_up_sync(kFullMask, incl, 1);
+        if (lane == 0) excl = -INFINITY;
+        __syncthreads();
+        float before = carry;
+        for (int w = 0; w < warp; w++) before = fmaxf(before, warp_total[w]);
+        before = fmaxf(before, excl);
+#pragma unroll
+        for (int u = 0; u < kStabRun; u++)
+            if (t_begin + u < D.T) ck[row0 + t_begin + u] = fmaxf(before, run[u]);
+        __syncthreads();  // everyone has read carry and warp_total
+        if (threadIdx.x == 1023) carry = fmaxf(before, mine);
         __syncthreads();
     }
 }
@@ -348,7 +408,7 @@ __global__ void __launch_bounds__(kThreads)
     const float* g = g_rows + row0 * (D.d + 1);
     TcAcc acc;
     zero(acc);
-    block_gemm<false, false>(
+    block_gemm<Tf32Of<Tin>, false, false>(
         acc, sm, 0, min(kChunk, D.T - t0),
         [&](int i, int k) {  // α_{t0+k, f0+i}
             const int f = f0 + i;
@@ -372,7 +432,10 @@ __global__ void __launch_bounds__(kThreads)
 //            S_0 = 0, S_{c+1} = exp(ck_last(c−1) − ck_last(c))·S_c + U_c.
 //   suffix (kSuffix = true):  states[c] <- G_c = Σ_{c' > c} W_c' in the frame ck_last(c):
 //            G_{nc−1} = 0, G_{c−1} = exp(ck_last(c−1) − ck_last(c))·G_c + W_c.
-// Grid (ceil(m·(d+1)/256), B·H).
+// Grid (ceil(m·(d+1)/256), B·H). Each thread loads kScanBatch chunks' values at once (independent
+// loads in flight) before the dependent updates: the plain loop waited one memory latency per chunk
+// (1.4 ms per scan at B·H = 4, T = 32k, 17% of the Performer's time).
+constexpr int kScanBatch = 8;
 template <bool kSuffix>
 __global__ void __launch_bounds__(kThreads) scan_states_kernel(Dims D, const float* __restrict__ ck, float* states) {
     const size_t per_chunk = (size_t)D.m * (D.d + 1);
@@ -382,17 +445,22 @@ __global__ void __launch_bounds__(kThreads) scan_states_kernel(Dims D, const flo
     const float* ckh = ck + (size_t)bh * D.T;
     float* st = states + (size_t)bh * D.nc * per_chunk + e;
     float run = 0.f;
-    if (!kSuffix) {
-        for (int c = 0; c < D.nc; c++) {
-            const float u = st[c * per_chunk];
-            st[c * per_chunk] = run;
-            run = c > 0 ? run * expf(ck_last(ckh, c - 1, D.T) - ck_last(ckh, c, D.T)) + u : u;
+    for (int i0 = 0; i0 < D.nc; i0 += kScanBatch) {
+        float u[kScanBatch];
+#pragma unroll
+        for (int k = 0; k < kScanBatch; k++) {
+            const int c = kSuffix ? D.nc - 1 - (i0 + k) : i0 + k;
+            u[k] = i0 + k < D.nc ? st[c * per_chunk] : 0.f;
         }
-    } else {
-        for (int c = D.nc - 1; c >= 0; c--) {
-            const float w = st[c * per_chunk];
+#pragma unroll
+        for (int k = 0; k < kScanBatch; k++) {
+            if (i0 + k >= D.nc) break;
+            const int c = kSuffix ? D.nc - 1 - (i0 + k) : i0 + k;
             st[c * per_chunk] = run;
-            if (c > 0) run = run * expf(ck_last(ckh, c - 1, D.T) - ck_last(ckh, c, D.T)) + w;
+            if (c > 0)
+                run = run * expf(ck_last(ckh, c - 1, D.T) - ck_last(ckh, c, D.T)) + u[k];
+            else if (!kSuffix)
+                run = u[k];  // S_1 = U_0 (the suffix scan ends at chunk 0)
         }
     }
 }
@@ -425,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
     TcAcc acc;
     zero(acc);
-    block_gemm<true, true>(
+    block_gemm<Tf32Of<Tin>, true, true>(
         acc, sm, 0, D.m,
         [&](int i, int k) {
             return t0 + i < D.T ? feature(q_logits[(size_t)(t0 + i) * D.m + k], s_cq[i], D) : 0.f;
@@ -438,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const Tin* v = head_slice<const Tin>(V, b, h);
         const float* g = g_rows + row0 * (D.d + 1);
         zero(acc);
-        block_gemm<true, true>(
+        block_gemm<std::is_same<Tin, float>::value ? Tf32::Split : Tf32::SplitA, true, true>(
             acc, sm, 0, D.d + 1,
             [&](int i, int k) { return t0 + i < D.T ? g[(size_t)(t0 + i) * (D.d + 1) + k] : 0.f; },
             [&](int k, int j) {
@@ -476,7 +544,7 @@ __global__ void __launch_bounds__(kThreads)
     const Tin* v = head_slice<const Tin>(V, b, h);
     TcAcc acc;
     zero(acc);
-    block_gemm<true, false>(
+    block_gemm<Tf32Of<Tin>, true, false>(
         acc, sm, c > 0 ? 0 : D.m, D.m + kChunk,
         [&](int i, int k) {
             if (t0 + i >= D.T) return 0.f;
@@ -579,7 +647,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     // dφq: K = [0, d+1) state part, [d+1, d+1+64) chunk part
     zero(acc);
-    block_gemm<true, false>(
+    block_gemm<Tf32Of<Tin>, true, false>(
         acc, sm, c > 0 ? 0 : dc, dc + kChunk,
         [&](int i, int k) {
             if (t0 + i >= D.T) return 0.f;
@@ -602,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     // dφk: K = [0, 64) chunk part (Mᵀ·Φq), [64, 64+d+1) state part (absent for the last chunk)
     zero(acc);
-    block_gemm<false, false>(
+    block_gemm<Tf32Of<Tin>, false, false>(
         acc, sm, 0, c + 1 < D.nc ? kChunk + dc : kChunk,
         [&](int j, int k) {
             if (t0 + j >= D.T) return 0.f;
@@ -653,7 +721,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float* W = score_w + ((size_t)bh * D.nc + c) * kChunk * kChunk;
     TcAcc acc;
     zero(acc);
-    block_gemm<false, false>(
+    block_gemm<Tf32Of<Tin>, false, false>(
         acc, sm, 0, c + 1 < D.nc ? kChunk + D.m : kChunk,
         [&](int j, int k) {
             if (t0 + j >= D.T) return 0.f;
@@ -698,7 +766,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         __syncthreads();
         TcAcc acc;
         zero(acc);
-        block_gemm<true, false>(
+        block_gemm<Tf32::Split, true, false>(
             acc, sm, 0, D.m,
             [&](int i, int k) { return t0 + i < D.T ? da[(size_t)(t0 + i) * D.m + k] : 0.f; },
             [&](int k, int j) { return col0 + j < D.d ? omega[(size_t)k * D.d + col0 + j] : 0.f; });
@@ -725,9 +793,9 @@ void launch_forward(const Dims& D, const Work& w, const float* omega, Strided o,
     float* cq = saved + rows;
     float* ck = saved + 2 * rows;
     const int f_tiles = ceil_div(D.m, kTile), c_tiles = ceil_div(D.d + 1, kTile);
-    logits_kernel<Tin><<<dim3(f_tiles, D.nc, bh), kThreads>>>(D, q, k, omega, w.aq, w.ak);
+    logits_kernel<Tin><<<dim3(f_tiles, D.nc, bh), kThreads>>>(D, q, k, omega, w.aq, w.ak, w.qmax, w.kmax);
     CUDA_LAUNCH_CHECK();
-    stabiliser_kernel<<<bh, 1024>>>(D, w.aq, w.ak, cq, ck);
+    stabiliser_kernel<<<bh, 1024>>>(D, f_tiles, w.qmax, w.kmax, cq, ck);
     CUDA_LAUNCH_CHECK();
     chunk_state_kernel<Tin, false><<<dim3(f_tiles * c_tiles, D.nc, bh), kThreads>>>(
         D, w.ak, ck, ck, v, nullptr, w.state_s);
@@ -754,7 +822,7 @@ void launch_backward(const Dims& D, const Work& w, const float* omega, Strided d
     const int f_tiles = ceil_div(D.m, kTile), c_tiles = ceil_div(D.d + 1, kTile);
     const int d_tiles = ceil_div(D.d, kTile);
     const dim3 scan_grid(ceil_div((size_t)D.m * (D.d + 1), kThreads), bh);
-    logits_kernel<Tin><<<dim3(f_tiles, D.nc, bh), kThreads>>>(D, q, k, omega, w.aq, w.ak);
+    logits_kernel<Tin><<<dim3(f_tiles, D.nc, bh), kThreads>>>(D, q, k, omega, w.aq, w.ak, w.qmax, w.kmax);
     CUDA_LAUNCH_CHECK();
     grad_rows_kernel<Tin><<<ceil_div(rows, kThreads / 32), kThreads>>>(D, dout, o, saved_r, w.rows);
     CUDA_LAUNCH_CHECK();

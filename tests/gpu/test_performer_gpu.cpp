@@ -91,13 +91,15 @@ AttnResult run_cpu(const PerfCase& c, const AttnContext& ctx, const Inputs& in,
 // Tolerances of ‖gpu − cpu‖/‖cpu‖. Both sides compute in fp32 on identical inputs; they differ
 // by summation order (and expf vs std::exp), which the feature map's exp amplifies by the logit
 // magnitude (|a| ~ 250 at ×8; measured fp32 vs fp64 on the CPU at ×8: o ~1e-5, dq up to 2e-4).
-// bf16 outputs add their rounding (2^-9 relative at most).
+// bf16 outputs add their rounding (2^-9 relative at most), and the bf16 path multiplies features,
+// values and gradients with single TF32 products (operands rounded to 2^-11 relative), which
+// reaches the saved normaliser R (fp32) too: 1e-3 there instead of fp32's 1e-4.
 struct Tolerance {
     double out, dq, saved;
 };
 Tolerance tolerance(const PerfCase& c) {
     const bool big = c.magnitude > 1;
-    if (c.dtype == DType::BF16) return Tolerance{1e-2, 1e-2, big ? 1e-3 : 1e-4};
+    if (c.dtype == DType::BF16) return Tolerance{1e-2, 1e-2, 1e-3};
     return big ? Tolerance{1e-3, 2e-3, 1e-3} : Tolerance{1e-4, 1e-4, 1e-4};
 }
 
