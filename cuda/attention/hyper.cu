@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -96,9 +97,15 @@ __device__ __forceinline__ void load_row(float (&x)[E], const T* row, int lane) 
 // keys_in[bh*T + t] = bucket of q_t (t in a node's query half) or k_t (key half); vals_in = t.
 // One thread per (bh, t); fp64 dot products summed in index order, like hyper_buckets<double>
 // (nvcc contracts `dot += x*p` to an fma, as g++ -march=native does on FMA hosts; were one side not
-// to, a bucket could differ only where |x·proj| < ~1e-15·‖x‖‖proj‖).
-template <typename T>
+// to, a bucket could differ only where |x·proj| < ~1e-15·‖x‖‖proj‖). The row is read once into
+// registers (bf16: 16-byte loads) and the level's projections (lsh_bits, D) wait in shared memory
+// (dynamic, lsh_bits·D floats): one load per element and bit made this kernel L1-bound.
+template <typename T, int D>
 __global__ void hyper_hash(HyperDev p, int level, Strided Q, Strided K, uint32_t* keys_in, int* vals_in) {
+    extern __shared__ float s_proj[];  // (lsh_bits, D)
+    const float* proj = p.proj + (int64_t)level * p.lsh_bits * D;
+    for (int i = threadIdx.x; i < p.lsh_bits * D; i += blockDim.x) s_proj[i] = proj[i];
+    __syncthreads();
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (int64_t)p.BH * p.T) return;
     const int bh = (int)(idx / p.T), t = (int)(idx % p.T);
@@ -106,12 +113,29 @@ __global__ void hyper_hash(HyperDev p, int level, Strided Q, Strided K, uint32_t
     if (node < 0) return;
     const int* nd = p.nodes + kNodeFields * node;
     const bool is_query = t >= nd[0] + nd[1];
-    const T* x = row_ptr<const T>(is_query ? Q : K, bh / p.H, bh % p.H, t);
-    const float* proj = p.proj + (int64_t)level * p.lsh_bits * p.d;
+    const T* row = row_ptr<const T>(is_query ? Q : K, bh / p.H, bh % p.H, t);
+    float x[D];
+    if constexpr (std::is_same<T, bf16>::value) {
+#pragma unroll
+        for (int v = 0; v < D / 8; ++v) {
+            const uint4 w = reinterpret_cast<const uint4*>(row)[v];
+            const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float2 f = __bfloat1622float2(pairs[k]);
+                x[8 * v + 2 * k] = f.x;
+                x[8 * v + 2 * k + 1] = f.y;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < D; ++c) x[c] = row[c];
+    }
     uint32_t code = 0;
     for (int b = 0; b < p.lsh_bits; ++b) {
         double dot = 0;
-        for (int c = 0; c < p.d; ++c) dot += (double)to_f32(x[c]) * (double)proj[b * p.d + c];
+#pragma unroll
+        for (int c = 0; c < D; ++c) dot += (double)x[c] * (double)s_proj[b * D + c];
         if (dot > 0) code |= 1u << b;
     }
     keys_in[idx] = gray_inverse_dev(code);
@@ -1432,11 +1456,15 @@ private:
         int* vals_in = part<int>(workspace, w.vals_in);
         const int grid = blocks_for(rows, kThreads1D);
         for (int level = 0; level < tb.levels; level++) {
-            if (dt == DType::BF16)
-                hyper_hash<bf16><<<grid, kThreads1D>>>(p, level, strided(q), strided(k), keys_in, vals_in);
-            else
-                hyper_hash<float><<<grid, kThreads1D>>>(p, level, strided(q), strided(k), keys_in, vals_in);
-            CUDA_LAUNCH_CHECK();
+            const int smem = p.lsh_bits * p.d * (int)sizeof(float);  // <= 30 x 128 floats
+            dispatch_d(p.d, [&](auto d_tag) {
+                constexpr int D = decltype(d_tag)::value;
+                if (dt == DType::BF16)
+                    hyper_hash<bf16, D><<<grid, kThreads1D, smem>>>(p, level, strided(q), strided(k), keys_in, vals_in);
+                else
+                    hyper_hash<float, D><<<grid, kThreads1D, smem>>>(p, level, strided(q), strided(k), keys_in, vals_in);
+                CUDA_LAUNCH_CHECK();
+            });
             int* perm_level = const_cast<int*>(p.perm) + level * rows;
             size_t bytes = w.cub_bytes;
             CHECK(cub_sort_bytes(rows, tb.num_segments[level]) <= w.cub_bytes, "hyper: sort scratch too small");
