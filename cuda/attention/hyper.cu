@@ -1103,7 +1103,8 @@ HostTables build_tables(const HyperPlan& plan, bool with_draws) {
     tb.draws_at = size, size += (size_t)tb.num_internal * BH * m;
     tb.ukeys_at = size, size += (size_t)tb.num_internal * BH * m;
     tb.ucount_at = size, size += (size_t)tb.num_internal * BH * m;
-    for (int level = 0; level < tb.levels; level++) tb.level_nodes_at.push_back(size), size += tb.nodes_per_level[level];
+    for (int level = 0; level < tb.levels; level++)
+        tb.level_nodes_at.push_back(size), size += tb.nodes_per_level[level];
     tb.ints.assign(size, -1);
     if (!with_draws) return tb;
 
@@ -1197,9 +1198,11 @@ WorkspaceLayout workspace_layout(const HyperPlan& plan, const HostTables& tb) {
     // sampled keys' partial dK|dV, (nodes, B·H, query chunks, m_pad, 2d), the largest level's
     w.acc = take(3 * rows * plan.d * sizeof(float));
     size_t partial = 0;
-    for (int level = 0; level < tb.levels; level++)
-        partial = std::max(partial, (size_t)tb.nodes_per_level[level] * plan.B * plan.H *
-                                        ceil_div(tb.max_nq[level], kQueryChunk) * sample_pad(plan.samples, plan.d) * 2 * plan.d);
+    for (int level = 0; level < tb.levels; level++) {
+        const size_t chunks = ceil_div(tb.max_nq[level], kQueryChunk);
+        partial = std::max(partial, (size_t)tb.nodes_per_level[level] * plan.B * plan.H * chunks *
+                                        sample_pad(plan.samples, plan.d) * 2 * plan.d);
+    }
     w.partial = take(partial * sizeof(float));
     w.cub_bytes = 0;
     for (int segments : tb.num_segments) w.cub_bytes = std::max(w.cub_bytes, cub_sort_bytes((int64_t)rows, segments));
@@ -1311,7 +1314,8 @@ public:
         const int grid = blocks_for(rows, kWarpsPerBlock);
         if (dt == DType::BF16) {
             dispatch_d(s.d, [&](auto d_tag) {
-                hyper_delta<bf16, decltype(d_tag)::value><<<grid, 32 * kWarpsPerBlock>>>(p, strided(dout), strided(o), delta);
+                hyper_delta<bf16, decltype(d_tag)::value>
+                    <<<grid, 32 * kWarpsPerBlock>>>(p, strided(dout), strided(o), delta);
                 CUDA_LAUNCH_CHECK();
             });
             backward_tiles(p, tb, w, workspace, dq, dk, dv, dout, q, k, v, saved, delta);
@@ -1420,8 +1424,8 @@ private:
                     acc_dv, partial);
                 CUDA_LAUNCH_CHECK();
                 const int64_t threads = (int64_t)num_nodes * p.BH * m_pad * 2 * p.d;
-                hyper_sample_scatter<<<blocks_for(threads, kThreads1D), kThreads1D>>>(p, level, nodes, num_nodes, chunks,
-                                                                                       m_pad, partial, acc_dk, acc_dv);
+                hyper_sample_scatter<<<blocks_for(threads, kThreads1D), kThreads1D>>>(
+                    p, level, nodes, num_nodes, chunks, m_pad, partial, acc_dk, acc_dv);
                 CUDA_LAUNCH_CHECK();
             }
         });
@@ -1476,7 +1480,8 @@ private:
                 if (dt == DType::BF16)
                     hyper_hash<bf16, D><<<grid, kThreads1D, smem>>>(p, level, strided(q), strided(k), keys_in, vals_in);
                 else
-                    hyper_hash<float, D><<<grid, kThreads1D, smem>>>(p, level, strided(q), strided(k), keys_in, vals_in);
+                    hyper_hash<float, D>
+                        <<<grid, kThreads1D, smem>>>(p, level, strided(q), strided(k), keys_in, vals_in);
                 CUDA_LAUNCH_CHECK();
             });
             int* perm_level = const_cast<int*>(p.perm) + level * rows;
