@@ -228,7 +228,8 @@ __global__ void ps_sk_tanh_bwd(float* df1, float* df2, const float* dm, const fl
 // din = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂∘x̂)) with dx̂ = dn∘w, and the affine's gradient partials
 // part (slices, 2n) = [Σ dn∘x̂ | Σ dn] over each slice of kGradSliceRows rows (the layout of
 // ln_w, ln_b). One block per slice, one warp per row; lane sums of its rows in row order, then the
-// warps' sums in warp order (deterministic).
+// warps' sums in warp order (deterministic). Replaced two separate column-sum passes over dn and
+// dn∘x̂: (to be measured).
 __global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn, const float* xhat, const float* rstd,
                              const float* ln_w, int n, int nc) {
     constexpr int NM = kMaxSketch / 32;
@@ -368,7 +369,8 @@ __global__ void ps_sketch_random_bwd(float* dxh, const float* dM, const float* x
 // states (B·H, L, r(r+1)/2, e): block l of head bh is H_l = Σ_{t∈l} φ(X_t) Y_tᵀ, a (r(r+1)/2, e)
 // matrix, with φ(x) the packed symmetric features of x⊗x: X⊗X is symmetric in its two indices, so
 // one feature per pair a ≤ c, scaled by sqrt(2) off the diagonal, gives ⟨φ(x), φ(y)⟩ = ⟨x, y⟩²
-// with half the features (a reordering of the same sum). Every state operation is a GEMM per
+// with half the features (a reordering of the same sum; beat the r² features of x⊗x by (to be
+// measured)). Every state operation is a GEMM per
 // block, run as cuBLAS strided-batched GEMMs over runs of equally sized blocks (host side,
 // StateSegment): build H_l = Φ_lᵀ Y_l, apply out_l (+)= Φ_l S_l, contract V_l = Y_l S_lᵀ then
 // dX_t = ∂(φ(X_t)·V_t)/∂X_t. These kernels fill Φ and finish the contraction.
