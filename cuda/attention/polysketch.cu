@@ -14,20 +14,27 @@
 // A⊗A⊗g (built like H, scanned backwards) give dC and dB; then through M (into the sketch
 // parameters and q̂, k̂) and the LayerNorms into q, k.
 //
-// Implementation (fp32 throughout; deterministic: no float atomics, every sum in a fixed order):
+// Implementation (deterministic: no float atomics, every sum in a fixed order); everything is a
+// cuBLAS strided-batched GEMM plus a few elementwise / row kernels, on large runs of rows:
 //   - every intermediate is fp32 in the workspace (q̂, k̂, rstd, A|B, C, G, block states, their
-//     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r²·(d+1)) floats, linear in T;
-//   - row kernels use one warp per row (LayerNorms, the intra-block parts: dot products by warp
-//     reduction);
-//   - the block states are GEMMs per block with Φ_t = X_t⊗X_t (r² features per row, materialised
-//     for a run of blocks at a time): build H_l = Φ_lᵀ Y_l, apply Φ_l S_l, contract Y_l S_lᵀ, as
-//     cuBLAS strided-batched fp32 SGEMMs; the prefix/suffix over blocks is a sequential loop per
-//     element;
-//   - the learned sketch runs on chunks of rows as fp32 SGEMMs (rows × n_in → rows × 8r → rows × r)
-//     plus row-wise LayerNorm / elementwise GELU kernels; its parameter gradient is Xᵀ·dY GEMMs
-//     per slice of 256 rows into partials, summed in slice order into dparams (+=), chunk by chunk.
-// cuBLAS (one handle per Attention object, default stream, default math = full fp32, no TF32) is
-// bitwise reproducible run to run on one GPU model, so the backward is bitwise deterministic.
+//     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1)) floats plus fixed-size run buffers,
+//     linear in T;
+//   - the diagonal blocks are dense GEMMs per block: S = X_q X_kᵀ (b, b), W = tril(S^p) by a kernel,
+//     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G
+//     (this replaced warp-per-row dot-product kernels: (to be measured));
+//   - the block states use the packed symmetric features φ(x) (r(r+1)/2 per row, sqrt(2) off the
+//     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x), materialised for a run of blocks at a
+//     time: build H_l = Φ_lᵀ Y_l, apply Φ_l S_l, contract Y_l S_lᵀ; the prefix/suffix over blocks
+//     is a sequential loop per element;
+//   - the learned sketch runs on chunks of rows as GEMMs (rows × n_in → rows × 8r → rows × r) plus
+//     row-wise LayerNorm / elementwise GELU kernels, keeping every activation for the backward;
+//     its parameter gradient is Xᵀ·dY GEMMs per slice of kGradSliceRows rows into partials (the
+//     LayerNorm affines' column sums fused into the LayerNorm backward), summed in slice order
+//     into dparams (+=), chunk by chunk.
+// Math: bf16 storage runs the GEMMs on the tensor cores in TF32 (10 mantissa bits, finer than the
+// bf16 inputs); fp32 storage (the checking path) keeps full fp32 SGEMMs. cuBLAS (one handle per
+// Attention object, default stream, no split-K reductions across calls) is bitwise reproducible
+// run to run on one GPU model, so forward and backward are bitwise deterministic.
 // Storage dtypes float or bf16 (q, k, v, o, params in act dtype); dparams fp32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -50,10 +57,12 @@ namespace {
 
 constexpr float kLnEps = 1e-5f;
 constexpr int kWarps = 8;            // warps per block of the row-per-warp kernels
-constexpr int64_t kSketchChunkFloats = int64_t(1) << 26;  // chunk buffers of the learned sketch (256 MB)
-constexpr int kGradSliceRows = 256;  // rows per partial of the sketch-parameter gradient
+constexpr int64_t kSketchChunkFloats = int64_t(1) << 27;  // chunk buffers of the learned sketch (512 MB)
+constexpr int kGradSliceRows = 512;  // rows per partial of the sketch-parameter gradient
 constexpr int64_t kPhiFloats = int64_t(1) << 25;  // Φ / V buffer of the state GEMMs (128 MB; at least one block)
-constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane)
+constexpr int64_t kDiagFloats = int64_t(1) << 25;  // each of the two (nb, nb) buffers of the diagonal blocks (128 MB)
+constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane, LayerNorm backward)
+constexpr float kSqrt2 = 1.4142135623730951f;
 
 
 // Row n = (b·H + h)·T + t of a strided head tensor.
@@ -85,7 +94,7 @@ __device__ __forceinline__ int64_t warp_row() {
 
 // Problem sizes every kernel needs.
 struct Dims {
-    int H, T, d, r, e, block, L, degree;  // e = d + 1, L = number of blocks
+    int H, T, d, r, rp, e, block, L, degree;  // rp = r(r+1)/2 features of a state, e = d + 1, L = number of blocks
     int64_t rows;                         // B·H·T
     int64_t bh_count;                     // B·H
 };
@@ -156,17 +165,6 @@ __global__ void ps_params_to_f32(float* p, const T* src, int64_t n) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) p[i] = to_f32(src[i]);
 }
-// part (slices, n): column sums of X (nc, n) over the row slices of kGradSliceRows rows, each
-// summed in row order. One block per slice, threads over columns.
-__global__ void ps_colsum_slices(float* part, const float* X, int n, int nc) {
-    const int row0 = blockIdx.x * kGradSliceRows;
-    const int row1 = min(row0 + kGradSliceRows, nc);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float s = 0.f;
-        for (int row = row0; row < row1; ++row) s += X[(int64_t)row * n + i];
-        part[(int64_t)blockIdx.x * n + i] = s;
-    }
-}
 // dst (count) += Σ_s part[s, :] in slice order
 __global__ void ps_reduce_slices(float* dst, const float* part, int slices, int64_t count) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -197,13 +195,6 @@ __global__ void ps_sk_ln_fwd(float* xhat, float* rstd, float* nrm, const float* 
     }
     if (lane == 0) rstd[row] = rs;
 }
-// nrm (nc, n) = xhat·w + b (recomputed by the backward)
-__global__ void ps_sk_affine(float* nrm, const float* xhat, const float* ln_w, const float* ln_b, int n, int64_t count) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= count) return;
-    const int i = (int)(idx % n);
-    nrm[idx] = xhat[idx] * ln_w[i] + ln_b[i];
-}
 // act = gelu(pre)
 __global__ void ps_sk_gelu(float* act, const float* pre, int64_t count) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -233,26 +224,58 @@ __global__ void ps_sk_tanh_bwd(float* df1, float* df2, const float* dm, const fl
     df1[idx] = dz * f2[idx];
     df2[idx] = dz * f1[idx];
 }
-// LayerNorm-with-affine backward of nc rows of n, given dn = d(normed): prod = dn∘xhat (for dln_w),
-// din = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂∘x̂)) with dx̂ = dn∘w. One warp per row.
-__global__ void ps_sk_ln_bwd(float* din, float* prod, const float* dn, const float* xhat, const float* rstd,
+// LayerNorm-with-affine backward of nc rows of n (n ≤ kMaxSketch), given dn = d(normed):
+// din = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂∘x̂)) with dx̂ = dn∘w, and the affine's gradient partials
+// part (slices, 2n) = [Σ dn∘x̂ | Σ dn] over each slice of kGradSliceRows rows (the layout of
+// ln_w, ln_b). One block per slice, one warp per row; lane sums of its rows in row order, then the
+// warps' sums in warp order (deterministic). Replaced two separate column-sum passes over dn and
+// dn∘x̂: (to be measured).
+__global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn, const float* xhat, const float* rstd,
                              const float* ln_w, int n, int nc) {
-    const int64_t row = warp_row();
-    if (row >= nc) return;
-    const int lane = threadIdx.x % 32;
-    const float* g = dn + row * n;
-    const float* x = xhat + row * n;
-    float m1 = 0.f, m2 = 0.f;
-    for (int i = lane; i < n; i += 32) {
-        const float dx = g[i] * ln_w[i];
-        prod[row * n + i] = g[i] * x[i];
-        m1 += dx;
-        m2 += dx * x[i];
+    constexpr int NM = kMaxSketch / 32;
+    __shared__ float red[kWarps][2][kMaxSketch];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int row0 = blockIdx.x * kGradSliceRows, row1 = min(row0 + kGradSliceRows, nc);
+    float sw[NM] = {}, sb[NM] = {};
+    for (int64_t row = row0 + warp; row < row1; row += kWarps) {
+        const float* g = dn + row * n;
+        const float* x = xhat + row * n;
+        float m1 = 0.f, m2 = 0.f;
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+            const int i = lane + 32 * m;
+            if (i < n) {
+                const float dx = g[i] * ln_w[i];
+                sw[m] += g[i] * x[i];
+                sb[m] += g[i];
+                m1 += dx;
+                m2 += dx * x[i];
+            }
+        }
+        m1 = warp_sum(m1) / n;
+        m2 = warp_sum(m2) / n;
+        const float rs = rstd[row];
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+            const int i = lane + 32 * m;
+            if (i < n) din[row * n + i] = rs * (g[i] * ln_w[i] - m1 - x[i] * m2);
+        }
     }
-    m1 = warp_sum(m1) / n;
-    m2 = warp_sum(m2) / n;
-    const float rs = rstd[row];
-    for (int i = lane; i < n; i += 32) din[row * n + i] = rs * (g[i] * ln_w[i] - m1 - x[i] * m2);
+#pragma unroll
+    for (int m = 0; m < NM; ++m) {
+        const int i = lane + 32 * m;
+        if (i < n) {
+            red[warp][0][i] = sw[m];
+            red[warp][1][i] = sb[m];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
+        const int which = i / n, col = i % n;
+        float acc = 0.f;
+        for (int w = 0; w < kWarps; ++w) acc += red[w][which][col];
+        part[(int64_t)blockIdx.x * 2 * n + i] = acc;
+    }
 }
 // dxh (count) += d1 + d2 (the two sketch branches' gradients, in the order of the old group code)
 __global__ void ps_sk_add2(float* dxh, const float* d1, const float* d2, int64_t count) {
@@ -260,10 +283,11 @@ __global__ void ps_sk_add2(float* dxh, const float* d1, const float* d2, int64_t
     if (idx < count) dxh[idx] += (0.f + d1[idx]) + d2[idx];
 }
 
-// Offsets (floats) of the chunk buffers of the learned sketch, nc rows.
+// Offsets (floats) of the chunk buffers of the learned sketch, nc rows. Every activation of every
+// block is kept (the backward's recompute leaves them for the block backwards).
 struct SketchChunk {
-    int64_t xhat[2][2], rstd[2][2], pre[2][2], out[2][2];
-    int64_t nrm, act, tz, df[2], dy, dh, dn, prod, dxf[2], part, total;
+    int64_t xhat[2][2], rstd[2][2], nrm[2][2], pre[2][2], act[2][2], out[2][2];
+    int64_t tz, df[2], dy, dh, dn, dxf[2], part, total;
     SketchChunk(int d, int r, int64_t nc) {
         const int64_t hid = 8 * r, maxn = d > r ? d : r;
         int64_t off = 0;
@@ -273,18 +297,17 @@ struct SketchChunk {
                 const int64_t n_in = g == 0 ? d : r;
                 xhat[f][g] = take(nc * n_in);
                 rstd[f][g] = take(nc);
+                nrm[f][g] = take(nc * n_in);
                 pre[f][g] = take(nc * hid);
+                act[f][g] = take(nc * hid);
                 out[f][g] = take(nc * r);
             }
-        nrm = take(nc * maxn);
-        act = take(nc * hid);
         tz = take(nc * r);
         df[0] = take(nc * r);
         df[1] = take(nc * r);
         dy = take(nc * r);
         dh = take(nc * hid);
         dn = take(nc * maxn);
-        prod = take(nc * maxn);
         dxf[0] = take(nc * d);
         dxf[1] = take(nc * d);
         // partial parameter gradients, one per slice of kGradSliceRows rows: the largest Linear weight
@@ -343,214 +366,118 @@ __global__ void ps_sketch_random_bwd(float* dxh, const float* dM, const float* x
 }
 
 // ============================================================================ block states
-// states (B·H, L, r, r, e): block l of head bh is H_l = Σ_{t∈l} (X_t⊗X_t) Y_tᵀ, a (r², e) matrix.
-// With Φ_t = X_t⊗X_t (r², row-major (a, c)) per row, every state operation is a GEMM per block,
-// run as cuBLAS strided-batched fp32 GEMMs over runs of equally sized blocks (host side,
+// states (B·H, L, r(r+1)/2, e): block l of head bh is H_l = Σ_{t∈l} φ(X_t) Y_tᵀ, a (r(r+1)/2, e)
+// matrix, with φ(x) the packed symmetric features of x⊗x: X⊗X is symmetric in its two indices, so
+// one feature per pair a ≤ c, scaled by sqrt(2) off the diagonal, gives ⟨φ(x), φ(y)⟩ = ⟨x, y⟩²
+// with half the features (a reordering of the same sum; beat the r² features of x⊗x by (to be
+// measured)). Every state operation is a GEMM per
+// block, run as cuBLAS strided-batched GEMMs over runs of equally sized blocks (host side,
 // StateSegment): build H_l = Φ_lᵀ Y_l, apply out_l (+)= Φ_l S_l, contract V_l = Y_l S_lᵀ then
-// dX_t[a] += 2 Σ_c X_tc V_t[a, c]. These kernels fill Φ and finish the contraction.
+// dX_t = ∂(φ(X_t)·V_t)/∂X_t. These kernels fill Φ and finish the contraction.
 
-// phi (n, r²) = X_t ⊗ X_t for the n rows of X (n, r): phi[t, a·r + c] = X_ta X_tc
+// Index of the pair a ≤ c in the packed features (row-major upper triangle of r × r).
+__device__ __forceinline__ int pair_index(int a, int c, int r) { return a * r - a * (a - 1) / 2 + (c - a); }
+
+// phi (n, r(r+1)/2) = φ(X_t) for the n rows of X (n, r): X_ta X_tc for a = c, sqrt(2) X_ta X_tc for
+// a < c. One thread per (t, a, c) of the full square (those with c < a return).
 __global__ void ps_outer(float* phi, const float* X, int r, int64_t n) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const int64_t rr = (int64_t)r * r;
+    const int64_t rr = (int64_t)r * r, rp = (int64_t)r * (r + 1) / 2;
     if (idx >= n * rr) return;
     const int64_t t = idx / rr;
     const int k = (int)(idx % rr), a = k / r, c = k % r;
-    phi[idx] = X[t * r + a] * X[t * r + c];
+    if (c < a) return;
+    const float w = a == c ? 1.f : kSqrt2;
+    phi[t * rp + pair_index(a, c, r)] = w * X[t * r + a] * X[t * r + c];
 }
 
-// dX_t[a] += 2 Σ_c X_tc V_t[a·r + c] for n rows (X, dX (n, r), V (n, r²)). One thread per (t, a).
+// dX_t[a] += ∂(φ(X_t)·V_t)/∂X_ta = 2 X_ta V_t[aa] + sqrt(2) Σ_{c≠a} X_tc V_t[ac] for n rows
+// (X, dX (n, r), V (n, r(r+1)/2)); with the states built from φ this is 2 Σ_c X_tc (S[a,c,:]·Y_t)
+// of the full r² form. One thread per (t, a).
 __global__ void ps_contract_finish(float* dX, const float* X, const float* V, int r, int64_t n) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * r) return;
     const int64_t t = idx / r;
     const int a = (int)(idx % r);
     const float* x = X + t * r;
-    const float* v = V + t * r * r + (int64_t)a * r;
-    float acc = 0.f;
-    for (int c = 0; c < r; ++c) acc += x[c] * v[c];
-    dX[idx] += 2.f * acc;
+    const float* v = V + t * ((int64_t)r * (r + 1) / 2);
+    float off = 0.f;
+    for (int c = 0; c < r; ++c)
+        if (c != a) off += x[c] * v[c < a ? pair_index(c, a, r) : pair_index(a, c, r)];
+    dX[idx] += 2.f * x[a] * v[pair_index(a, a, r)] + kSqrt2 * off;
 }
 
 // In place: exclusive prefix (reverse = false: Σ of earlier blocks) or suffix (reverse = true:
-// Σ of later blocks) over the L blocks of each head. One thread per (head, element).
+// Σ of later blocks) over the L blocks of each head. One thread per (head, element), blocks in
+// order; loads issued kScanUnroll blocks at a time (independent of the running sum).
+constexpr int kScanUnroll = 8;
 __global__ void ps_state_scan(float* states, Dims D, bool reverse) {
-    const int64_t per_block = (int64_t)D.r * D.r * D.e;
+    const int64_t per_block = (int64_t)D.rp * D.e;
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= D.bh_count * per_block) return;
     const int64_t bh = idx / per_block, within = idx % per_block;
     float* s = states + bh * D.L * per_block + within;
     float run = 0.f;
-    for (int k = 0; k < D.L; ++k) {
-        const int l = reverse ? D.L - 1 - k : k;
-        const float v = s[(int64_t)l * per_block];
-        s[(int64_t)l * per_block] = run;
-        run += v;
+    for (int k0 = 0; k0 < D.L; k0 += kScanUnroll) {
+        float v[kScanUnroll];
+#pragma unroll
+        for (int u = 0; u < kScanUnroll; ++u) {
+            const int k = k0 + u, l = reverse ? D.L - 1 - k : k;
+            if (k < D.L) v[u] = s[(int64_t)l * per_block];
+        }
+#pragma unroll
+        for (int u = 0; u < kScanUnroll; ++u) {
+            const int k = k0 + u, l = reverse ? D.L - 1 - k : k;
+            if (k < D.L) {
+                s[(int64_t)l * per_block] = run;
+                run += v[u];
+            }
+        }
     }
 }
 
-// ============================================================================ forward rows
-// Intra-block weight of (query row qn, key row kn): s is the base (⟨q̂,k̂⟩ or ⟨A,B⟩), returned
-// weight s^p or s². Warp-cooperative: every lane gets the same value.
-template <int Dh>
-__device__ __forceinline__ float warp_base(bool exact, const float (&q)[Dh / 32], const float* kh_row,
-                                           const float* a_row, const float* b_row, int r, int lane) {
-    float s = 0.f;
-    if (exact) {
-#pragma unroll
-        for (int e = 0; e < Dh / 32; ++e) s += q[e] * kh_row[lane + 32 * e];
+// ============================================================================ diagonal blocks
+// The intra-block part as batched GEMMs per block of nb ≤ b rows (host side, diag_forward and
+// diag_backward), with the base features X_q, X_k = q̂, k̂ and power p (exact_diag) or A, B and
+// power 2: S = X_q X_kᵀ (nb, nb), W = tril(S^p), out += W C; backward dW = G Cᵀ,
+// dS = tril(p S^(p−1) ∘ dW), dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G. These kernels apply the
+// power and the causal mask on (count, nb, nb) buffers.
+
+// S <- W = tril(S^p)
+__global__ void ps_diag_weights(float* S, int nb, int p, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    const int j = (int)(idx % nb), i = (int)((idx / nb) % nb);
+    S[idx] = j <= i ? ipow(S[idx], p) : 0.f;
+}
+// S <- dS = tril(p S^(p−1) dW), dW <- W = tril(S^p)
+__global__ void ps_diag_grads(float* S, float* dW, int nb, int p, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    const int j = (int)(idx % nb), i = (int)((idx / nb) % nb);
+    if (j <= i) {
+        const float s = S[idx], sp1 = ipow(s, p - 1);
+        S[idx] = p * sp1 * dW[idx];
+        dW[idx] = sp1 * s;
     } else {
-        for (int c = lane; c < r; c += 32) s += a_row[c] * b_row[c];
+        S[idx] = 0.f;
+        dW[idx] = 0.f;
     }
-    return warp_sum(s);
 }
 
-// o (rows, d), den (rows) <- the intra-block part plus U (rows, e) = Σ_ac A_ta A_tc Z_l[a,c,:] (read for
-// rows of blocks l > 0 only). One warp per row;
-// lane holds columns x = lane + 32m of out (e = d + 1 columns).
-template <typename T, int Dh>
-__global__ void ps_forward_rows(Strided O, float* den, const float* xh, const float* M,
-                                const float* C, const float* U, Dims D, bool exact) {
-    constexpr int EM = Dh / 32 + 1;  // ceil((Dh + 1) / 32)
-    const int64_t n = warp_row();
-    if (n >= D.rows) return;
-    const int lane = threadIdx.x % 32;
-    const int t = (int)(n % D.T), l = t / D.block;
-    const int64_t head0 = (n / D.T) * D.T;
-    const int e = D.e, r = D.r;
-    const float* A = M;
-    const float* Bk = M + D.rows * r;
-    const float* kh = xh + D.rows * Dh;
-    float u[EM] = {};
-    if (l > 0) {  // the inter-block part Σ_ac A_ta A_tc Z_l[a,c,:], computed by apply_states into U
-#pragma unroll
-        for (int m = 0; m < EM; ++m)
-            if (lane + 32 * m < e) u[m] = U[n * e + lane + 32 * m];
-    }
-    float q[Dh / 32];
-#pragma unroll
-    for (int m = 0; m < Dh / 32; ++m) q[m] = xh[n * Dh + lane + 32 * m];
-    for (int j = l * D.block; j <= t; ++j) {
-        const int64_t jn = head0 + j;
-        const float s = warp_base<Dh>(exact, q, kh + jn * Dh, A + n * r, Bk + jn * r, r, lane);
-        const float w = exact ? ipow(s, D.degree) : s * s;
-        const float* cj = C + jn * e;
-#pragma unroll
-        for (int m = 0; m < EM; ++m)
-            if (lane + 32 * m < e) u[m] += w * cj[lane + 32 * m];
-    }
-    const float dn = 1.f + __shfl_sync(kFullMask, u[EM - 1], 0);  // column d = 32·(EM−1)
-    T* o = row_ptr<T>(O, n, D.H, D.T);
-#pragma unroll
-    for (int m = 0; m < EM - 1; ++m) o[lane + 32 * m] = from_f32<T>(u[m] / dn);
-    if (lane == 0) den[n] = dn;
+// o (rows, d) = U[:, :d] / (1 + U[:, d]), den (rows) = 1 + U[:, d]. One thread per element of o.
+template <typename T>
+__global__ void ps_finish_out(Strided O, float* den, const float* U, Dims D) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= D.rows * D.d) return;
+    const int64_t n = idx / D.d;
+    const int x = (int)(idx % D.d);
+    const float dn = 1.f + U[n * D.e + D.d];
+    row_ptr<T>(O, n, D.H, D.T)[x] = from_f32<T>(U[n * D.e + x] / dn);
+    if (x == 0) den[n] = dn;
 }
 
 // ============================================================================ backward rows
-// Intra-block, query side: for query row t, over keys j of its block up to t:
-// exact: dq̂_t = Σ_j p s^(p−1) (g_t·C_j) k̂_j; sketch: dA_t = Σ_j 2 s (g_t·C_j) B_j.
-// Overwrites dxh (q rows) and dM (A rows) — the one not used gets 0. One warp per row.
-template <int Dh>
-__global__ void ps_intra_q(float* dxh, float* dM, const float* xh, const float* M, const float* C,
-                           const float* G, Dims D, bool exact) {
-    constexpr int EM = Dh / 32 + 1, RM = kMaxSketch / 32;
-    const int64_t n = warp_row();
-    if (n >= D.rows) return;
-    const int lane = threadIdx.x % 32;
-    const int t = (int)(n % D.T), l = t / D.block;
-    const int64_t head0 = (n / D.T) * D.T;
-    const int e = D.e, r = D.r;
-    const float* A = M;
-    const float* Bk = M + D.rows * r;
-    const float* kh = xh + D.rows * Dh;
-    float q[Dh / 32], g[EM], dq[Dh / 32] = {}, da[RM] = {};
-#pragma unroll
-    for (int m = 0; m < Dh / 32; ++m) q[m] = xh[n * Dh + lane + 32 * m];
-#pragma unroll
-    for (int m = 0; m < EM; ++m) g[m] = lane + 32 * m < e ? G[n * e + lane + 32 * m] : 0.f;
-    for (int j = l * D.block; j <= t; ++j) {
-        const int64_t jn = head0 + j;
-        const float s = warp_base<Dh>(exact, q, kh + jn * Dh, A + n * r, Bk + jn * r, r, lane);
-        float dw = 0.f;
-#pragma unroll
-        for (int m = 0; m < EM; ++m)
-            if (lane + 32 * m < e) dw += g[m] * C[jn * e + lane + 32 * m];
-        dw = warp_sum(dw);
-        if (exact) {
-            const float ds = D.degree * ipow(s, D.degree - 1) * dw;
-#pragma unroll
-            for (int m = 0; m < Dh / 32; ++m) dq[m] += ds * kh[jn * Dh + lane + 32 * m];
-        } else {
-            const float ds = 2.f * s * dw;
-#pragma unroll
-            for (int m = 0; m < RM; ++m)
-                if (lane + 32 * m < r) da[m] += ds * Bk[jn * r + lane + 32 * m];
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < Dh / 32; ++m) dxh[n * Dh + lane + 32 * m] = dq[m];
-#pragma unroll
-    for (int m = 0; m < RM; ++m)
-        if (lane + 32 * m < r) dM[n * r + lane + 32 * m] = da[m];
-}
-
-// Intra-block, key side: for key row j, over queries i of its block from j on:
-// dC_j = Σ_i w_ij g_i; exact: dk̂_j = Σ_i p s^(p−1) (g_i·C_j) q̂_i; sketch: dB_j = Σ_i 2 s (g_i·C_j) A_i.
-// Overwrites dC, dxh (k rows) and dM (B rows). One warp per row.
-template <int Dh>
-__global__ void ps_intra_k(float* dC, float* dxh, float* dM, const float* xh, const float* M,
-                           const float* C, const float* G, Dims D, bool exact) {
-    constexpr int EM = Dh / 32 + 1, RM = kMaxSketch / 32;
-    const int64_t n = warp_row();
-    if (n >= D.rows) return;
-    const int lane = threadIdx.x % 32;
-    const int j = (int)(n % D.T), l = j / D.block;
-    const int i_end = min((l + 1) * D.block, D.T);
-    const int64_t head0 = (n / D.T) * D.T;
-    const int e = D.e, r = D.r;
-    const float* A = M;
-    const float* Bk = M + D.rows * r;
-    const float* qh = xh;
-    const float* kh = xh + D.rows * Dh;
-    float k[Dh / 32], c[EM], dk[Dh / 32] = {}, db[RM] = {}, dc[EM] = {};
-#pragma unroll
-    for (int m = 0; m < Dh / 32; ++m) k[m] = kh[n * Dh + lane + 32 * m];
-#pragma unroll
-    for (int m = 0; m < EM; ++m) c[m] = lane + 32 * m < e ? C[n * e + lane + 32 * m] : 0.f;
-    for (int i = j; i < i_end; ++i) {
-        const int64_t in = head0 + i;
-        const float s = warp_base<Dh>(exact, k, qh + in * Dh, Bk + n * r, A + in * r, r, lane);
-        const float w = exact ? ipow(s, D.degree) : s * s;
-        float dw = 0.f;
-#pragma unroll
-        for (int m = 0; m < EM; ++m)
-            if (lane + 32 * m < e) {
-                const float gi = G[in * e + lane + 32 * m];
-                dw += gi * c[m];
-                dc[m] += w * gi;
-            }
-        dw = warp_sum(dw);
-        if (exact) {
-            const float ds = D.degree * ipow(s, D.degree - 1) * dw;
-#pragma unroll
-            for (int m = 0; m < Dh / 32; ++m) dk[m] += ds * qh[in * Dh + lane + 32 * m];
-        } else {
-            const float ds = 2.f * s * dw;
-#pragma unroll
-            for (int m = 0; m < RM; ++m)
-                if (lane + 32 * m < r) db[m] += ds * A[in * r + lane + 32 * m];
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < EM; ++m)
-        if (lane + 32 * m < e) dC[n * e + lane + 32 * m] = dc[m];
-#pragma unroll
-    for (int m = 0; m < Dh / 32; ++m) dxh[(D.rows + n) * Dh + lane + 32 * m] = dk[m];
-#pragma unroll
-    for (int m = 0; m < RM; ++m)
-        if (lane + 32 * m < r) dM[(D.rows + n) * r + lane + 32 * m] = db[m];
-}
-
 // dq, dk rows = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂∘x̂)) (rows 0..rows−1 are q, then k). One warp per row.
 template <typename T>
 __global__ void ps_layernorm_bwd(Strided dQ, Strided dK, const float* dxh, const float* xh,
@@ -585,18 +512,19 @@ __global__ void ps_write_dv(Strided dV, const float* dC, Dims D) {
 
 // ============================================================================ host side
 template <typename T> struct TypeTag { using type = T; };
-template <int V> using IntTag = std::integral_constant<int, V>;
 
 int grid_of(int64_t n, int threads) { return ceil_div(n, threads); }
 
 // Offsets (floats) of everything in the workspace.
 struct WorkspacePlan {
-    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, phi, p32, sk, total;
-    int64_t phi_blocks;  // blocks per run of the state GEMMs (phi holds phi_blocks·block rows of r²)
+    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, phi, diag, p32, sk, total;
+    int64_t phi_blocks;  // blocks per run of the state GEMMs (phi holds phi_blocks·block rows of r(r+1)/2)
+    int64_t diag_blocks, diag_floats;  // blocks per run of the diagonal-block GEMMs; floats of each of its 2 buffers
     int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
     WorkspacePlan(const AttnShape& s, int r, int block, size_t num_params) {
         const int64_t rows = (int64_t)s.rows(), d = s.d, e = d + 1;
-        const int64_t L = (s.T + block - 1) / block;
+        const int64_t L = (s.T + block - 1) / block, rp = (int64_t)r * (r + 1) / 2;
+        const int64_t nb = std::min(block, s.T);  // rows of the largest block
         int64_t off = 0;
         auto take = [&](int64_t n) { int64_t o = off; off += (n + 63) / 64 * 64; return o; };
         xh = take(2 * rows * d);
@@ -604,12 +532,15 @@ struct WorkspacePlan {
         M = take(2 * rows * r);
         C = take(rows * e);
         G = take(rows * e);
-        states = take((int64_t)s.B * s.H * L * r * r * e);
+        states = take((int64_t)s.B * s.H * L * rp * e);
         dxh = take(2 * rows * d);
         dM = take(2 * rows * r);
         dC = take(rows * e);
-        phi_blocks = std::max<int64_t>(1, std::min<int64_t>(kPhiFloats / ((int64_t)block * r * r), s.B * s.H * L));
-        phi = take(L > 1 ? phi_blocks * block * r * r : 0);
+        phi_blocks = std::max<int64_t>(1, std::min<int64_t>(kPhiFloats / ((int64_t)block * rp), s.B * s.H * L));
+        phi = take(L > 1 ? phi_blocks * block * rp : 0);
+        diag_blocks = std::max<int64_t>(1, std::min<int64_t>(kDiagFloats / (nb * nb), s.B * s.H * L));
+        diag_floats = (diag_blocks * nb * nb + 63) / 64 * 64;
+        diag = take(2 * diag_floats);
         p32 = take((int64_t)num_params);
         // rows per chunk: as many as fit kSketchChunkFloats (at least 256), at most all 2·rows
         const int64_t per_row = SketchChunk((int)d, r, 64).total / 64;
@@ -656,22 +587,20 @@ public:
         float* ws = static_cast<float*>(workspace);
         const WorkspacePlan P = plan(s);
         const Dims D = dims(s);
+        set_math(dt);
         const float* sketch = prepare_sketch(s, ctx, params, ws, P);
-        features(dt, D, q, k, ws, P, sketch);
-        if (dt == DType::BF16) ps_values<bf16><<<grid_of(D.rows * D.e, 256), 256>>>(ws + P.C, strided(v), D);
-        else ps_values<float><<<grid_of(D.rows * D.e, 256), 256>>>(ws + P.C, strided(v), D);
-        CUDA_LAUNCH_CHECK();
-        // U (rows, e) in the G buffer: the inter-block part A⊗A · Z of every row (zero in block 0)
+        features(dt, D, q, k, v, ws, P, sketch);
+        // U (rows, e) in the G buffer: the inter-block part φ(A)·Z of every row (zero in block 0),
+        // plus the diagonal blocks' part; then o and the denominators from U
         float* U = ws + P.G;
         if (D.L > 1) {
             build_states(D, P, ws, ws + P.states, ws + P.M + D.rows * D.r, ws + P.C, false);
             apply_states(D, P, ws, U, ws + P.M, ws + P.states, 0.f);
         }
-        dispatch(dt, s.d, [&](auto t_tag, auto d_tag) {
+        diag_forward(D, P, ws, U, D.L > 1 ? 1.f : 0.f);
+        by_type(dt, [&](auto t_tag) {
             using T = typename decltype(t_tag)::type;
-            constexpr int Dh = decltype(d_tag)::value;
-            ps_forward_rows<T, Dh><<<grid_of(D.rows, kWarps), 32 * kWarps>>>(
-                strided(o), saved, ws + P.xh, ws + P.M, ws + P.C, U, D, cfg_.exact_diag);
+            ps_finish_out<T><<<grid_of(D.rows * D.d, 256), 256>>>(strided(o), saved, U, D);
         });
         CUDA_LAUNCH_CHECK();
     }
@@ -690,28 +619,22 @@ public:
         float* ws = static_cast<float*>(workspace);
         const WorkspacePlan P = plan(s);
         const Dims D = dims(s);
+        set_math(dt);
         const float* sketch = prepare_sketch(s, ctx, params, ws, P);
-        features(dt, D, q, k, ws, P, sketch);
-        const int row_blocks = grid_of(D.rows, kWarps);
+        features(dt, D, q, k, v, ws, P, sketch);
         float *xh = ws + P.xh, *M = ws + P.M, *C = ws + P.C, *G = ws + P.G, *states = ws + P.states;
         float *dxh = ws + P.dxh, *dM = ws + P.dM, *dC = ws + P.dC;
         const float* A = M;
         const float* Bk = M + D.rows * D.r;
         float* dA = dM;
         float* dB = dM + D.rows * D.r;
-        const bool exact = cfg_.exact_diag;
-        dispatch(dt, s.d, [&](auto t_tag, auto d_tag) {
+        by_type(dt, [&](auto t_tag) {
             using T = typename decltype(t_tag)::type;
-            constexpr int Dh = decltype(d_tag)::value;
-            ps_values<T><<<grid_of(D.rows * D.e, 256), 256>>>(C, strided(v), D);
-            CUDA_LAUNCH_CHECK();
-            ps_out_grad<T><<<row_blocks, 32 * kWarps>>>(G, strided(dout), strided(o), saved, D);
-            CUDA_LAUNCH_CHECK();
-            ps_intra_q<Dh><<<row_blocks, 32 * kWarps>>>(dxh, dM, xh, M, C, G, D, exact);
-            CUDA_LAUNCH_CHECK();
-            ps_intra_k<Dh><<<row_blocks, 32 * kWarps>>>(dC, dxh, dM, xh, M, C, G, D, exact);
-            CUDA_LAUNCH_CHECK();
+            ps_out_grad<T><<<grid_of(D.rows, kWarps), 32 * kWarps>>>(G, strided(dout), strided(o), saved, D);
         });
+        CUDA_LAUNCH_CHECK();
+        // the diagonal blocks: dC, and dq̂, dk̂ (exact_diag) or dA, dB (sketched), the other pair zeroed
+        diag_backward(D, P, ws);
         if (D.L > 1) {
             // prefix Z from (B, C): dA += 2 Σ_c A_c (Z[a,c,:]·g)  (Z of block 0 is exactly 0)
             build_states(D, P, ws, states, Bk, C, false);
@@ -753,14 +676,9 @@ public:
 
 private:
     template <typename Fn>
-    static void dispatch(DType dt, int d, Fn&& fn) {
-        if (dt == DType::BF16) {
-            if (d == 64) fn(TypeTag<bf16>{}, IntTag<64>{});
-            else fn(TypeTag<bf16>{}, IntTag<128>{});
-        } else {
-            if (d == 64) fn(TypeTag<float>{}, IntTag<64>{});
-            else fn(TypeTag<float>{}, IntTag<128>{});
-        }
+    static void by_type(DType dt, Fn&& fn) {
+        if (dt == DType::BF16) fn(TypeTag<bf16>{});
+        else fn(TypeTag<float>{});
     }
 
     WorkspacePlan plan(const AttnShape& s) const {
@@ -772,6 +690,7 @@ private:
         D.T = s.T;
         D.d = s.d;
         D.r = cfg_.sketch_size;
+        D.rp = D.r * (D.r + 1) / 2;
         D.e = s.d + 1;
         D.block = cfg_.block;
         D.L = (s.T + cfg_.block - 1) / cfg_.block;
@@ -786,9 +705,13 @@ private:
         if (!blas_) {
             CUBLAS_CHECK(cublasCreate(&blas_));
             CUBLAS_CHECK(cublasSetStream(blas_, 0));
-            CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));  // full fp32, no TF32
         }
         return blas_;
+    }
+    // bf16 storage: the GEMMs on the tensor cores in TF32 (10 mantissa bits, finer than the bf16
+    // inputs; deterministic like SGEMM). fp32 storage (the checking path): full fp32, no TF32.
+    void set_math(DType dt) {
+        CUBLAS_CHECK(cublasSetMathMode(blas(), dt == DType::BF16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     }
     // Row-major C (M, N) = op(A) op(B) + beta C in fp32 (cuBLAS is column-major: Cᵀ = op(B)ᵀ op(A)ᵀ).
     void gemm_rm(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
@@ -812,14 +735,6 @@ private:
         ps_reduce_slices<<<grid_of(mn, 256), 256>>>(dst, part, full + (rem > 0 ? 1 : 0), mn);
         CUDA_LAUNCH_CHECK();
     }
-    // dst (n) += Σ_rows X[row, :] for row-major X (nc, n), by slices as grad_gemm
-    void grad_colsum(float* dst, const float* X, int n, int nc, float* part) {
-        const int slices = ceil_div(nc, kGradSliceRows);
-        ps_colsum_slices<<<slices, 128>>>(part, X, n, nc);
-        CUDA_LAUNCH_CHECK();
-        ps_reduce_slices<<<grid_of(n, 256), 256>>>(dst, part, slices, n);
-        CUDA_LAUNCH_CHECK();
-    }
 
     // The learned sketch forward of nc rows x (nc, d): every activation into the chunk buffers ck,
     // m (nc, r) = M(x) unless null.
@@ -832,13 +747,13 @@ private:
                 const PolySketchLayout::Block& b = L.blk[f][g];
                 const int n = b.n_in;
                 const float* in = g == 0 ? x : ck + S.out[f][0];
-                ps_sk_ln_fwd<<<grid_of(nc, kWarps), 32 * kWarps>>>(ck + S.xhat[f][g], ck + S.rstd[f][g], ck + S.nrm, in,
-                                                                   p + b.ln_w, p + b.ln_b, n, nc);
+                ps_sk_ln_fwd<<<grid_of(nc, kWarps), 32 * kWarps>>>(ck + S.xhat[f][g], ck + S.rstd[f][g],
+                                                                   ck + S.nrm[f][g], in, p + b.ln_w, p + b.ln_b, n, nc);
                 CUDA_LAUNCH_CHECK();
-                gemm_rm(false, true, nc, hid, n, ck + S.nrm, n, p + b.w_in, n, 0.f, ck + S.pre[f][g], hid);  // pre = nrm W_inᵀ
-                ps_sk_gelu<<<grid_of(nh, 256), 256>>>(ck + S.act, ck + S.pre[f][g], nh);
+                gemm_rm(false, true, nc, hid, n, ck + S.nrm[f][g], n, p + b.w_in, n, 0.f, ck + S.pre[f][g], hid);  // pre = nrm W_inᵀ
+                ps_sk_gelu<<<grid_of(nh, 256), 256>>>(ck + S.act[f][g], ck + S.pre[f][g], nh);
                 CUDA_LAUNCH_CHECK();
-                gemm_rm(false, true, nc, r, hid, ck + S.act, hid, p + b.w_out, hid, 0.f, ck + S.out[f][g], r);  // out = act W_outᵀ
+                gemm_rm(false, true, nc, r, hid, ck + S.act[f][g], hid, p + b.w_out, hid, 0.f, ck + S.out[f][g], r);  // out = act W_outᵀ
             }
         ps_sk_tanh<<<grid_of((int64_t)nc * r, 256), 256>>>(ck + S.tz, m, ck + S.out[0][1], ck + S.out[1][1], r,
                                                           (int64_t)nc * r);
@@ -850,14 +765,9 @@ private:
                                 float* din, int nc, float* ck, const SketchChunk& S) {
         const PolySketchLayout::Block& b = L.blk[f][g];
         const int n = b.n_in, hid = L.hidden, r = L.r;
-        const int64_t nh = (int64_t)nc * hid, nn = (int64_t)nc * n;
-        float *act = ck + S.act, *nrm = ck + S.nrm, *dh = ck + S.dh, *dn = ck + S.dn, *prod = ck + S.prod;
-        const float* pre = ck + S.pre[f][g];
-        const float* xhat = ck + S.xhat[f][g];
-        ps_sk_gelu<<<grid_of(nh, 256), 256>>>(act, pre, nh);
-        CUDA_LAUNCH_CHECK();
-        ps_sk_affine<<<grid_of(nn, 256), 256>>>(nrm, xhat, p + b.ln_w, p + b.ln_b, n, nn);
-        CUDA_LAUNCH_CHECK();
+        const int64_t nh = (int64_t)nc * hid;
+        const float *act = ck + S.act[f][g], *nrm = ck + S.nrm[f][g], *pre = ck + S.pre[f][g];
+        float *dh = ck + S.dh, *dn = ck + S.dn;
         float* part = ck + S.part;
         grad_gemm(r, hid, nc, dout, r, act, hid, dp + b.w_out, part);                // dW_out (r, hid) += doutᵀ act
         gemm_rm(false, false, nc, hid, r, dout, r, p + b.w_out, hid, 0.f, dh, hid);   // dh = dout W_out
@@ -865,10 +775,12 @@ private:
         CUDA_LAUNCH_CHECK();
         grad_gemm(hid, n, nc, dh, hid, nrm, n, dp + b.w_in, part);               // dW_in (hid, n) += dhᵀ nrm
         gemm_rm(false, false, nc, n, hid, dh, hid, p + b.w_in, n, 0.f, dn, n);   // dn = dh W_in
-        grad_colsum(dp + b.ln_b, dn, n, nc, part);                               // dln_b += Σ dn
-        ps_sk_ln_bwd<<<grid_of(nc, kWarps), 32 * kWarps>>>(din, prod, dn, xhat, ck + S.rstd[f][g], p + b.ln_w, n, nc);
+        // din, and (dln_w, dln_b) += (Σ dn∘x̂, Σ dn): ln_b follows ln_w in the layout
+        const int slices = ceil_div(nc, kGradSliceRows);
+        ps_sk_ln_bwd<<<slices, 32 * kWarps>>>(din, part, dn, ck + S.xhat[f][g], ck + S.rstd[f][g], p + b.ln_w, n, nc);
         CUDA_LAUNCH_CHECK();
-        grad_colsum(dp + b.ln_w, prod, n, nc, part);  // dln_w += Σ dn∘x̂
+        ps_reduce_slices<<<grid_of(2 * n, 256), 256>>>(dp + b.ln_w, part, slices, 2 * n);
+        CUDA_LAUNCH_CHECK();
     }
     // The learned sketch backward of the chunk: dxh (nc, d) += the gradient of dm (nc, r) through M;
     // dp += the parameter gradient. Needs sketch_learned_chunk_fwd of the same rows first.
@@ -921,14 +833,16 @@ private:
         return p32;
     }
 
-    // xh, rstd (LayerNorms of q and k) and M = [A; B] (the sketches) into the workspace.
-    void features(DType dt, const Dims& D, const HeadTensor& q, const HeadTensor& k, float* ws,
+    // xh, rstd (LayerNorms of q and k), C = [v | 1] and M = [A; B] (the sketches) into the workspace.
+    void features(DType dt, const Dims& D, const HeadTensor& q, const HeadTensor& k, const HeadTensor& v, float* ws,
                   const WorkspacePlan& P, const float* sketch) {
         const int64_t n2 = 2 * D.rows;
-        if (dt == DType::BF16)
-            ps_layernorm<bf16><<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.xh, ws + P.rstd, strided(q), strided(k), D);
-        else
-            ps_layernorm<float><<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.xh, ws + P.rstd, strided(q), strided(k), D);
+        by_type(dt, [&](auto t_tag) {
+            using T = typename decltype(t_tag)::type;
+            ps_layernorm<T><<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.xh, ws + P.rstd, strided(q), strided(k), D);
+            CUDA_LAUNCH_CHECK();
+            ps_values<T><<<grid_of(D.rows * D.e, 256), 256>>>(ws + P.C, strided(v), D);
+        });
         CUDA_LAUNCH_CHECK();
         if (cfg_.sketch_learned) {
             const PolySketchLayout L = polysketch_layout(D.d, D.r);
@@ -949,11 +863,10 @@ private:
         int64_t row0, blk0;
         int count, rows_per;
     };
-    // Every block of every head in runs of at most P.phi_blocks equal blocks: when block | T all
-    // blocks are equal and contiguous across heads; else per head its full blocks, then the ragged one.
-    static std::vector<StateSegment> state_segments(const Dims& D, const WorkspacePlan& P) {
+    // Every block of every head in runs of at most maxb equal blocks: when block | T all blocks are
+    // equal and contiguous across heads; else per head its full blocks, then the ragged one.
+    static std::vector<StateSegment> segments(const Dims& D, int64_t maxb) {
         std::vector<StateSegment> segs;
-        const int64_t maxb = P.phi_blocks;
         if (D.T % D.block == 0) {
             const int64_t total = D.bh_count * D.L;
             for (int64_t g = 0; g < total; g += maxb)
@@ -983,45 +896,97 @@ private:
         ps_outer<<<grid_of(n * D.r * D.r, 256), 256>>>(phi, X + g.row0 * D.r, D.r, n);
         CUDA_LAUNCH_CHECK();
     }
-    // states <- per-block Σ_t (X_t⊗X_t) Y_tᵀ (r², e), then the exclusive prefix (reverse: suffix) over blocks
+    // states <- per-block Σ_t φ(X_t) Y_tᵀ (r(r+1)/2, e), then the exclusive prefix (reverse: suffix) over blocks
     void build_states(const Dims& D, const WorkspacePlan& P, float* ws, float* states, const float* X, const float* Y,
                       bool reverse) {
-        const int rr = D.r * D.r, e = D.e;
+        const int rp = D.rp, e = D.e;
         float* phi = ws + P.phi;
-        for (const StateSegment& g : state_segments(D, P)) {
+        for (const StateSegment& g : segments(D, P.phi_blocks)) {
             fill_phi(D, phi, X, g);
-            gemm_rm_batched(true, false, rr, e, g.rows_per, phi, rr, (int64_t)g.rows_per * rr, Y + g.row0 * e, e,
-                            (int64_t)g.rows_per * e, 0.f, states + g.blk0 * rr * e, e, (int64_t)rr * e, g.count);
+            gemm_rm_batched(true, false, rp, e, g.rows_per, phi, rp, (int64_t)g.rows_per * rp, Y + g.row0 * e, e,
+                            (int64_t)g.rows_per * e, 0.f, states + g.blk0 * rp * e, e, (int64_t)rp * e, g.count);
         }
-        const int64_t per_block = (int64_t)rr * e;
+        const int64_t per_block = (int64_t)rp * e;
         ps_state_scan<<<grid_of(D.bh_count * per_block, 256), 256>>>(states, D, reverse);
         CUDA_LAUNCH_CHECK();
     }
-    // out (rows, e) = beta·out + Σ_ac X_ta X_tc S_l(t)[a,c,:]
+    // out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form)
     void apply_states(const Dims& D, const WorkspacePlan& P, float* ws, float* out, const float* X, const float* states,
                       float beta) {
-        const int rr = D.r * D.r, e = D.e;
+        const int rp = D.rp, e = D.e;
         float* phi = ws + P.phi;
-        for (const StateSegment& g : state_segments(D, P)) {
+        for (const StateSegment& g : segments(D, P.phi_blocks)) {
             fill_phi(D, phi, X, g);
-            gemm_rm_batched(false, false, g.rows_per, e, rr, phi, rr, (int64_t)g.rows_per * rr,
-                            states + g.blk0 * rr * e, e, (int64_t)rr * e, beta, out + g.row0 * e, e,
+            gemm_rm_batched(false, false, g.rows_per, e, rp, phi, rp, (int64_t)g.rows_per * rp,
+                            states + g.blk0 * rp * e, e, (int64_t)rp * e, beta, out + g.row0 * e, e,
                             (int64_t)g.rows_per * e, g.count);
         }
     }
-    // dX_t[a] += 2 Σ_c X_tc (S_l(t)[a,c,:]·Y_t): V = Y Sᵀ per block into the phi buffer, then the finish
+    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the phi buffer), then the finish
     void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, const float* X, const float* Y,
                          const float* states) {
-        const int rr = D.r * D.r, e = D.e;
+        const int rp = D.rp, e = D.e;
         float* V = ws + P.phi;
-        for (const StateSegment& g : state_segments(D, P)) {
-            gemm_rm_batched(false, true, g.rows_per, rr, e, Y + g.row0 * e, e, (int64_t)g.rows_per * e,
-                            states + g.blk0 * rr * e, e, (int64_t)rr * e, 0.f, V, rr, (int64_t)g.rows_per * rr,
+        for (const StateSegment& g : segments(D, P.phi_blocks)) {
+            gemm_rm_batched(false, true, g.rows_per, rp, e, Y + g.row0 * e, e, (int64_t)g.rows_per * e,
+                            states + g.blk0 * rp * e, e, (int64_t)rp * e, 0.f, V, rp, (int64_t)g.rows_per * rp,
                             g.count);
             const int64_t n = (int64_t)g.count * g.rows_per;
             ps_contract_finish<<<grid_of(n * D.r, 256), 256>>>(dX + g.row0 * D.r, X + g.row0 * D.r, V, D.r, n);
             CUDA_LAUNCH_CHECK();
         }
+    }
+
+    // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j (diag kernels)
+    void diag_forward(const Dims& D, const WorkspacePlan& P, float* ws, float* out, float beta) {
+        const bool exact = cfg_.exact_diag;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
+        const float* Xq = ws + (exact ? P.xh : P.M);  // (rows, nf) q̂ or A, then the k̂ or B rows
+        const float* Xk = Xq + D.rows * nf;
+        const float* C = ws + P.C;
+        float* S = ws + P.diag;
+        for (const StateSegment& g : segments(D, P.diag_blocks)) {
+            const int nb = g.rows_per;
+            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
+            gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
+                            nn, g.count);  // S = X_q X_kᵀ
+            ps_diag_weights<<<grid_of(g.count * nn, 256), 256>>>(S, nb, p, g.count * nn);
+            CUDA_LAUNCH_CHECK();
+            gemm_rm_batched(false, false, nb, e, nb, S, nb, nn, C + g.row0 * e, e, cs, beta, out + g.row0 * e, e, cs,
+                            g.count);  // out (+)= W C
+        }
+    }
+    // The diagonal blocks' gradients, overwriting: dC (rows, e); dq̂, dk̂ in dxh (exact_diag) or dA, dB
+    // in dM (sketched), the other one zeroed (both are accumulated into afterwards).
+    void diag_backward(const Dims& D, const WorkspacePlan& P, float* ws) {
+        const bool exact = cfg_.exact_diag;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
+        const float* Xq = ws + (exact ? P.xh : P.M);
+        const float* Xk = Xq + D.rows * nf;
+        float* dXq = ws + (exact ? P.dxh : P.dM);
+        float* dXk = dXq + D.rows * nf;
+        const float *C = ws + P.C, *G = ws + P.G;
+        float* dC = ws + P.dC;
+        float* S = ws + P.diag;                  // S, then dS
+        float* dW = ws + P.diag + P.diag_floats;  // dW, then W
+        for (const StateSegment& g : segments(D, P.diag_blocks)) {
+            const int nb = g.rows_per;
+            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
+            gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
+                            nn, g.count);  // S = X_q X_kᵀ
+            gemm_rm_batched(false, true, nb, nb, e, G + g.row0 * e, e, cs, C + g.row0 * e, e, cs, 0.f, dW, nb, nn,
+                            g.count);  // dW = G Cᵀ
+            ps_diag_grads<<<grid_of(g.count * nn, 256), 256>>>(S, dW, nb, p, g.count * nn);
+            CUDA_LAUNCH_CHECK();
+            gemm_rm_batched(false, false, nb, nf, nb, S, nb, nn, Xk + g.row0 * nf, nf, xs, 0.f, dXq + g.row0 * nf, nf,
+                            xs, g.count);  // dX_q = dS X_k
+            gemm_rm_batched(true, false, nb, nf, nb, S, nb, nn, Xq + g.row0 * nf, nf, xs, 0.f, dXk + g.row0 * nf, nf,
+                            xs, g.count);  // dX_k = dSᵀ X_q
+            gemm_rm_batched(true, false, nb, e, nb, dW, nb, nn, G + g.row0 * e, e, cs, 0.f, dC + g.row0 * e, e, cs,
+                            g.count);  // dC = Wᵀ G
+        }
+        const int64_t other = exact ? 2 * D.rows * D.r : 2 * D.rows * D.d;
+        CUDA_CHECK(cudaMemsetAsync(ws + (exact ? P.dM : P.dxh), 0, other * sizeof(float), 0));
     }
 
     static DType check_tensors(const AttnShape& s, std::initializer_list<std::pair<const char*, HeadTensor>> ts) {
