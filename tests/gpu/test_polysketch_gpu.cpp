@@ -144,7 +144,9 @@ TEST_P(PolySketchCudaVsCpu, ForwardGradientsAndParamGradient) {
     // fp32: summation order only; bf16: inputs and params identical, outputs rounded to bf16
     const double tol = c.dtype == DType::BF16 ? 3e-2 : 1e-4;
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
-    EXPECT_LE(rel_err(gpu.saved, cpu.saved), 1e-4) << "saved 1 + δ (fp32 in both modes)";
+    // saved 1 + δ is fp32 in both modes, but the bf16 path forms it with TF32 tensor-core GEMMs
+    // (operands rounded to 2^-11 relative; measured up to 4.6e-4 on the H100)
+    EXPECT_LE(rel_err(gpu.saved, cpu.saved), c.dtype == DType::BF16 ? 2e-3 : 1e-4) << "saved 1 + δ";
     // dq, dk vanish to rounding noise where a row's own weight dominates (see the file comment)
     constexpr double kGradFloorRms = 1e-2;
     EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, kGradFloorRms), tol) << "dq";
