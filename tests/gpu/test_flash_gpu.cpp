@@ -11,8 +11,14 @@
 // The CPU backward is given the GPU's output O (Δ = Σ dO·O uses it), so both sides differentiate
 // the same forward: with bf16 O rounded, Δ would otherwise differ by O's rounding error, which at
 // ×8 inputs (nearly one-hot rows, where dP − Δ cancels) is larger than the gradient itself.
+// Even so, at ×8 every row of a short sequence can be one-hot: dq and dk then vanish to ~1e-3 of
+// dv, and what is left is rounding of the logits (|S| ~ 700) on both sides — on one such input
+// (T = 17, d = 128, seed 3112653598) an fp32 reference is itself 4% off an fp64 one and the GPU
+// 8.7% off the CPU. So dq and dk are measured against a floor of 1e-2 × rms(dv) on the
+// denominator (rel_err_floor): the plain relative error wherever the gradient is not vanishing.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
@@ -99,8 +105,11 @@ TEST_P(FlashAttentionVsCpu, ForwardLseAndGradients) {
     const double tol_lse = bf16 ? 1e-3 : 1e-5;  // the LSE is fp32 in both modes
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
     EXPECT_LE(rel_err(gpu.saved, cpu.saved), tol_lse) << "lse";
-    EXPECT_LE(rel_err(gpu.dq, cpu.dq), tol) << "dq";
-    EXPECT_LE(rel_err(gpu.dk, cpu.dk), tol) << "dk";
+    double dv2 = 0.0;
+    for (float x : cpu.dv) dv2 += (double)x * x;
+    const double floor_rms = 1e-2 * std::sqrt(dv2 / std::max<size_t>(1, cpu.dv.size()));
+    EXPECT_LE(gpu_test::rel_err_floor(gpu.dq, cpu.dq, floor_rms), tol) << "dq";
+    EXPECT_LE(gpu_test::rel_err_floor(gpu.dk, cpu.dk, floor_rms), tol) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol) << "dv";
 }
 
