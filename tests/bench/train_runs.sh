@@ -2,9 +2,12 @@
 # Training runs on the GPU machine, on the default corpus (DATA, prepared elsewhere and carried):
 #   1. `make train` exactly as a user runs it (GPU default model d6);
 #   2. GPT-2 124M (d12): 60 steps straight, and 30 + stop + resume to 60: logs must agree bitwise;
-#   3. every attention variant on d6 for STEPS steps with validation (falling val loss).
+#   3. every attention variant on d6 for STEPS steps with validation (falling val loss);
+#   4. long: the linear and near-linear variants on d6 with RoPE at T = 131,072 (B = 1), LONG_STEPS
+#      steps (no validation: the validation split is shorter than one sequence); memory plan,
+#      peak memory, train loss and tokens/s of each.
 # Logs land in $OUT/<run>.jsonl; a summary table is printed last.
-# Usage: DATA=.data/brown tests/bench/train_runs.sh [default] [d12] [variants]
+# Usage: DATA=.data/brown tests/bench/train_runs.sh [default] [d12] [variants] [long]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-build/runs}
@@ -53,6 +56,23 @@ variants)
             --eval-batches 4 --sample-every 0 --ckpt-every 0 --data "$DATA" --out /tmp/var_$v > "$OUT/var_$v.txt" 2>&1
         echo "variant $v: exit $?"; tail -2 "$OUT/var_$v.txt" | grep -E "error" || true
         [ -f /tmp/var_$v/log.jsonl ] && cp /tmp/var_$v/log.jsonl "$OUT/var_$v.jsonl" && table+="$(summary $v "$OUT/var_$v.jsonl")"$'\n'
+    done ;;
+long)
+    for v in ${LONG_VARIANTS:-performer local polysketch hyper}; do
+        rm -rf /tmp/long_$v
+        timeout 240 build/train --model d6 --pos rope --max-seq 131072 --attention $v --batch 1 --seq 131072 \
+            --steps "${LONG_STEPS:-12}" --warmup 2 --lr 1e-3 --eval-every 0 --sample-every 0 --ckpt-every 0 \
+            --data "$DATA" --out /tmp/long_$v > "$OUT/long_$v.txt" 2>&1
+        echo "long $v (T=131072): exit $?"; grep -iE "memory plan|total|peak|error" "$OUT/long_$v.txt" | head -6
+        if [ -f /tmp/long_$v/log.jsonl ]; then
+            cp /tmp/long_$v/log.jsonl "$OUT/long_$v.jsonl"
+            python3 - "$v" "$OUT/long_$v.jsonl" <<'PY'
+import json, sys, statistics
+tr = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l]
+tok = statistics.median(r["tokens_per_s"] for r in tr[2:]) if len(tr) > 2 else float("nan")
+print(f"long {sys.argv[1]}: {len(tr)} steps, train loss {tr[0]['loss']:.3f} -> {tr[-1]['loss']:.3f}, {tok:,.0f} tok/s")
+PY
+        fi
     done ;;
 esac; done
 echo; echo "| run | steps | train loss | val loss | tokens/s |"; echo "|---|---:|---|---|---:|"; printf "%s" "$table"
