@@ -49,7 +49,7 @@ PY
     cmp /tmp/d12a/ckpt_00000060/model.bin /tmp/d12b/ckpt_00000060/model.bin && echo "d12 final weights identical"
     cp /tmp/d12a/log.jsonl "$OUT/d12.jsonl" && table+="$(summary d12 "$OUT/d12.jsonl")"$'\n' ;;
 variants)
-    for v in softmax local performer polynomial polysketch hyper; do
+    for v in ${TRAIN_VARIANTS:-softmax local performer polynomial polysketch hyper}; do
         extra=""; [ $v = local ] && extra="--attn-window 128"; [ $v = hyper ] && extra="--attn-min-seq 128 --attn-block 64 --attn-samples 64"
         rm -rf /tmp/var_$v
         timeout 120 build/train --model d6 --attention $v $extra --batch 16 --seq 512 --steps "$STEPS" --eval-every 25 \
