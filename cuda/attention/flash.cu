@@ -137,49 +137,7 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
                                                   k0 + nt * 8 + 2 * c + (e & 1), window))
                             s[m][nt][e] = -INFINITY;
 
-            // online softmax in log2 units: new max, rescale the old sum and O by
-            // exp2(m_old - m_new); p = exp2(s·scale_log2 - m_new) is one FFMA and one exp2
-#pragma unroll
-            for (int m = 0; m < kM; ++m) {
-                float mx0 = -INFINITY, mx1 = -INFINITY;  // raw (unscaled) row maxima of the tile
-#pragma unroll
-                for (int nt = 0; nt < Bc / 8; ++nt) {
-                    mx0 = fmaxf(mx0, fmaxf(s[m][nt][0], s[m][nt][1]));
-                    mx1 = fmaxf(mx1, fmaxf(s[m][nt][2], s[m][nt][3]));
-                }
-#pragma unroll
-                for (int off = 1; off <= 2; off <<= 1) {  // the 4 threads of a row
-                    mx0 = fmaxf(mx0, __shfl_xor_sync(kFullMask, mx0, off));
-                    mx1 = fmaxf(mx1, __shfl_xor_sync(kFullMask, mx1, off));
-                }
-                mx0 = fmaxf(m_run[m][0], mx0 * scale_log2);  // scale > 0 commutes with max
-                mx1 = fmaxf(m_run[m][1], mx1 * scale_log2);
-                // a row with no key so far keeps max -inf; subtract 0 instead so exp2 gives 0
-                const float base0 = mx0 == -INFINITY ? 0.f : mx0;
-                const float base1 = mx1 == -INFINITY ? 0.f : mx1;
-                const float alpha0 = exp2f(m_run[m][0] - base0), alpha1 = exp2f(m_run[m][1] - base1);
-                m_run[m][0] = mx0;
-                m_run[m][1] = mx1;
-                float l0 = l_run[m][0] * alpha0, l1 = l_run[m][1] * alpha1;
-#pragma unroll
-                for (int nt = 0; nt < Bc / 8; ++nt) {
-                    s[m][nt][0] = exp2f(fmaf(s[m][nt][0], scale_log2, -base0));
-                    s[m][nt][1] = exp2f(fmaf(s[m][nt][1], scale_log2, -base0));
-                    s[m][nt][2] = exp2f(fmaf(s[m][nt][2], scale_log2, -base1));
-                    s[m][nt][3] = exp2f(fmaf(s[m][nt][3], scale_log2, -base1));
-                    l0 += s[m][nt][0] + s[m][nt][1];
-                    l1 += s[m][nt][2] + s[m][nt][3];
-                }
-                l_run[m][0] = l0;
-                l_run[m][1] = l1;
-#pragma unroll
-                for (int dn = 0; dn < D / 8; ++dn) {
-                    o_acc[m][dn][0] *= alpha0;
-                    o_acc[m][dn][1] *= alpha0;
-                    o_acc[m][dn][2] *= alpha1;
-                    o_acc[m][dn][3] *= alpha1;
-                }
-            }
+            online_softmax_tile<D, Bc, kM>(s, m_run, l_run, o_acc, scale_log2);
             warp_gemm_pv_m<D, Bc, kM>(o_acc, s, tile_v, lane);
         }
         __syncthreads();  // the stage read here is overwritten by the next prefetch
