@@ -52,6 +52,7 @@
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/common.cuh"
 #include "cuda/attention/strided.cuh"
+#include "cuda/attention/tf32_block_gemm.cuh"
 
 namespace {
 
@@ -59,7 +60,7 @@ constexpr float kLnEps = 1e-5f;
 constexpr int kWarps = 8;            // warps per block of the row-per-warp kernels
 constexpr int64_t kSketchChunkFloats = int64_t(1) << 27;  // chunk buffers of the learned sketch (512 MB)
 constexpr int kGradSliceRows = 512;  // rows per partial of the sketch-parameter gradient
-constexpr int64_t kPhiFloats = int64_t(1) << 25;  // Φ / V buffer of the state GEMMs (128 MB; at least one block)
+constexpr int64_t kContractFloats = int64_t(1) << 25;  // V buffer of the state contraction (128 MB; at least one block)
 constexpr int64_t kDiagFloats = int64_t(1) << 25;  // each of the two (nb, nb) buffers of the diagonal blocks (128 MB)
 constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane, LayerNorm backward)
 constexpr float kSqrt2 = 1.4142135623730951f;
@@ -378,17 +379,78 @@ __global__ void ps_sketch_random_bwd(float* dxh, const float* dM, const float* x
 // Index of the pair a ≤ c in the packed features (row-major upper triangle of r × r).
 __device__ __forceinline__ int pair_index(int a, int c, int r) { return a * r - a * (a - 1) / 2 + (c - a); }
 
-// phi (n, r(r+1)/2) = φ(X_t) for the n rows of X (n, r): X_ta X_tc for a = c, sqrt(2) X_ta X_tc for
-// a < c. One thread per (t, a, c) of the full square (those with c < a return).
-__global__ void ps_outer(float* phi, const float* X, int r, int64_t n) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const int64_t rr = (int64_t)r * r, rp = (int64_t)r * (r + 1) / 2;
-    if (idx >= n * rr) return;
-    const int64_t t = idx / rr;
-    const int k = (int)(idx % rr), a = k / r, c = k % r;
-    if (c < a) return;
-    const float w = a == c ? 1.f : kSqrt2;
-    phi[t * rp + pair_index(a, c, r)] = w * X[t * r + a] * X[t * r + c];
+// pairs (r(r+1)/2): feature i of φ is the pair (a, c) = (pairs[i] & 0xffff, pairs[i] >> 16), a ≤ c,
+// in pair_index order. One thread per (a, c) of the full square (those with c < a return).
+__global__ void ps_pair_table(int* pairs, int r) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= r * r) return;
+    const int a = idx / r, c = idx % r;
+    if (c >= a) pairs[pair_index(a, c, r)] = a | (c << 16);
+}
+// Feature (a, c) = pr of the row x: x_a x_c for a = c, sqrt(2) x_a x_c for a < c.
+__device__ __forceinline__ float feature(const float* x, int pr) {
+    const int a = pr & 0xffff, c = pr >> 16;
+    return (a == c ? 1.f : kSqrt2) * x[a] * x[c];
+}
+
+// states (B·H, L, r(r+1)/2, e): block l of head bh <- Σ_{t∈l} φ(X_t) Y_tᵀ, X (rows, r), Y (rows, e):
+// block_gemm with A(i, k) = φ_i(X of the block's row k) computed by the loader (Φ is never stored),
+// B = Y. Grid (B·H·L, feature tiles × column tiles). Replaced Φ materialised by a kernel plus
+// cuBLAS GEMMs: (to be measured).
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_build_states(float* states, const float* __restrict__ X, const float* __restrict__ Y,
+                    const int* __restrict__ pairs, Dims D) {
+    __shared__ GemmSmem sm;
+    const int col_tiles = (D.e + kTile - 1) / kTile;
+    const int f0 = (blockIdx.y / col_tiles) * kTile, j0 = (blockIdx.y % col_tiles) * kTile;
+    const int64_t blk = blockIdx.x, bh = blk / D.L;
+    const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
+    const int64_t row0 = bh * D.T + t0;
+    const float* x = X + row0 * D.r;
+    const float* y = Y + row0 * D.e;
+    TcAcc acc;
+    zero(acc);
+    block_gemm<kTf32, false, false>(
+        acc, sm, 0, nb,
+        [&](int i, int k) { return f0 + i < D.rp ? feature(x + (int64_t)k * D.r, pairs[f0 + i]) : 0.f; },
+        [&](int k, int j) { return j0 + j < D.e ? y[(int64_t)k * D.e + j0 + j] : 0.f; });
+    float* out = states + blk * D.rp * D.e;
+    for_tile(acc, [&](int i, int j, float v) {
+        if (f0 + i < D.rp && j0 + j < D.e) out[(int64_t)(f0 + i) * D.e + j0 + j] = v;
+    });
+}
+
+// out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form; out is
+// not read when beta = 0): block_gemm over the r(r+1)/2 features with A(i, k) = φ_k(X_i) computed by
+// the loader. Grid (B·H·L, row tiles of a block × column tiles).
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_apply_states(float* out, const float* __restrict__ X, const float* __restrict__ states,
+                    const int* __restrict__ pairs, Dims D, float beta) {
+    __shared__ GemmSmem sm;
+    const int col_tiles = (D.e + kTile - 1) / kTile;
+    const int rt = blockIdx.y / col_tiles, j0 = (blockIdx.y % col_tiles) * kTile;
+    const int64_t blk = blockIdx.x, bh = blk / D.L;
+    const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
+    if (rt * kTile >= nb) return;  // the whole block: before any barrier
+    const int nr = min(kTile, nb - rt * kTile);
+    const int64_t row0 = bh * D.T + t0 + rt * kTile;
+    const float* x = X + row0 * D.r;
+    const float* s = states + blk * D.rp * D.e;
+    TcAcc acc;
+    zero(acc);
+    block_gemm<kTf32, true, false>(
+        acc, sm, 0, D.rp,
+        [&](int i, int k) { return i < nr ? feature(x + (int64_t)i * D.r, pairs[k]) : 0.f; },
+        [&](int k, int j) { return j0 + j < D.e ? s[(int64_t)k * D.e + j0 + j] : 0.f; });
+    float* o = out + row0 * D.e;
+    for_tile(acc, [&](int i, int j, float v) {
+        if (i < nr && j0 + j < D.e) {
+            float& dst = o[(int64_t)i * D.e + j0 + j];
+            dst = beta == 0.f ? v : beta * dst + v;
+        }
+    });
 }
 
 // dX_t[a] += ∂(φ(X_t)·V_t)/∂X_ta = 2 X_ta V_t[aa] + sqrt(2) Σ_{c≠a} X_tc V_t[ac] for n rows
@@ -517,8 +579,8 @@ int grid_of(int64_t n, int threads) { return ceil_div(n, threads); }
 
 // Offsets (floats) of everything in the workspace.
 struct WorkspacePlan {
-    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, phi, diag, p32, sk, total;
-    int64_t phi_blocks;  // blocks per run of the state GEMMs (phi holds phi_blocks·block rows of r(r+1)/2)
+    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, cv, diag, p32, sk, total;
+    int64_t cv_blocks;  // blocks per run of the contraction GEMMs (cv holds cv_blocks·block rows of r(r+1)/2)
     int64_t diag_blocks, diag_floats;  // blocks per run of the diagonal-block GEMMs; floats of each of its 2 buffers
     int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
     WorkspacePlan(const AttnShape& s, int r, int block, size_t num_params) {
@@ -536,8 +598,9 @@ struct WorkspacePlan {
         dxh = take(2 * rows * d);
         dM = take(2 * rows * r);
         dC = take(rows * e);
-        phi_blocks = std::max<int64_t>(1, std::min<int64_t>(kPhiFloats / ((int64_t)block * rp), s.B * s.H * L));
-        phi = take(L > 1 ? phi_blocks * block * rp : 0);
+        pairs = take(rp);  // ints
+        cv_blocks = std::max<int64_t>(1, std::min<int64_t>(kContractFloats / ((int64_t)block * rp), s.B * s.H * L));
+        cv = take(L > 1 ? cv_blocks * block * rp : 0);
         diag_blocks = std::max<int64_t>(1, std::min<int64_t>(kDiagFloats / (nb * nb), s.B * s.H * L));
         diag_floats = (diag_blocks * nb * nb + 63) / 64 * 64;
         diag = take(2 * diag_floats);
@@ -711,6 +774,7 @@ private:
     // bf16 storage: the GEMMs on the tensor cores in TF32 (10 mantissa bits, finer than the bf16
     // inputs; deterministic like SGEMM). fp32 storage (the checking path): full fp32, no TF32.
     void set_math(DType dt) {
+        split_ = dt != DType::BF16;
         CUBLAS_CHECK(cublasSetMathMode(blas(), dt == DType::BF16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     }
     // Row-major C (M, N) = op(A) op(B) + beta C in fp32 (cuBLAS is column-major: Cᵀ = op(B)ᵀ op(A)ᵀ).
@@ -844,6 +908,8 @@ private:
             ps_values<T><<<grid_of(D.rows * D.e, 256), 256>>>(ws + P.C, strided(v), D);
         });
         CUDA_LAUNCH_CHECK();
+        ps_pair_table<<<grid_of(D.r * D.r, 256), 256>>>(reinterpret_cast<int*>(ws + P.pairs), D.r);
+        CUDA_LAUNCH_CHECK();
         if (cfg_.sketch_learned) {
             const PolySketchLayout L = polysketch_layout(D.d, D.r);
             const SketchChunk S(D.d, D.r, P.sk_rows);
@@ -890,44 +956,35 @@ private:
                                                trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &one, B, ldb, stride_b, A,
                                                lda, stride_a, &beta, C, ldc, stride_c, batch));
     }
-    // Φ (segment rows, r²) = X_t ⊗ X_t of the segment's rows into the phi buffer
-    void fill_phi(const Dims& D, float* phi, const float* X, const StateSegment& g) {
-        const int64_t n = (int64_t)g.count * g.rows_per;
-        ps_outer<<<grid_of(n * D.r * D.r, 256), 256>>>(phi, X + g.row0 * D.r, D.r, n);
-        CUDA_LAUNCH_CHECK();
-    }
+    // Grid of the state kernels: x = every block of every head, y = tiles within one block.
+    static dim3 state_grid(const Dims& D, int tiles) { return dim3((unsigned)(D.bh_count * D.L), (unsigned)tiles); }
     // states <- per-block Σ_t φ(X_t) Y_tᵀ (r(r+1)/2, e), then the exclusive prefix (reverse: suffix) over blocks
     void build_states(const Dims& D, const WorkspacePlan& P, float* ws, float* states, const float* X, const float* Y,
                       bool reverse) {
-        const int rp = D.rp, e = D.e;
-        float* phi = ws + P.phi;
-        for (const StateSegment& g : segments(D, P.phi_blocks)) {
-            fill_phi(D, phi, X, g);
-            gemm_rm_batched(true, false, rp, e, g.rows_per, phi, rp, (int64_t)g.rows_per * rp, Y + g.row0 * e, e,
-                            (int64_t)g.rows_per * e, 0.f, states + g.blk0 * rp * e, e, (int64_t)rp * e, g.count);
-        }
-        const int64_t per_block = (int64_t)rp * e;
+        const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
+        const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.e, kTile));
+        if (split_) ps_build_states<Tf32::Split><<<grid, kThreads>>>(states, X, Y, pairs, D);
+        else ps_build_states<Tf32::Single><<<grid, kThreads>>>(states, X, Y, pairs, D);
+        CUDA_LAUNCH_CHECK();
+        const int64_t per_block = (int64_t)D.rp * D.e;
         ps_state_scan<<<grid_of(D.bh_count * per_block, 256), 256>>>(states, D, reverse);
         CUDA_LAUNCH_CHECK();
     }
     // out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form)
     void apply_states(const Dims& D, const WorkspacePlan& P, float* ws, float* out, const float* X, const float* states,
                       float beta) {
-        const int rp = D.rp, e = D.e;
-        float* phi = ws + P.phi;
-        for (const StateSegment& g : segments(D, P.phi_blocks)) {
-            fill_phi(D, phi, X, g);
-            gemm_rm_batched(false, false, g.rows_per, e, rp, phi, rp, (int64_t)g.rows_per * rp,
-                            states + g.blk0 * rp * e, e, (int64_t)rp * e, beta, out + g.row0 * e, e,
-                            (int64_t)g.rows_per * e, g.count);
-        }
+        const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
+        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile) * ceil_div(D.e, kTile));
+        if (split_) ps_apply_states<Tf32::Split><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
+        else ps_apply_states<Tf32::Single><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
+        CUDA_LAUNCH_CHECK();
     }
-    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the phi buffer), then the finish
+    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the cv buffer), then the finish
     void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, const float* X, const float* Y,
                          const float* states) {
         const int rp = D.rp, e = D.e;
-        float* V = ws + P.phi;
-        for (const StateSegment& g : segments(D, P.phi_blocks)) {
+        float* V = ws + P.cv;
+        for (const StateSegment& g : segments(D, P.cv_blocks)) {
             gemm_rm_batched(false, true, g.rows_per, rp, e, Y + g.row0 * e, e, (int64_t)g.rows_per * e,
                             states + g.blk0 * rp * e, e, (int64_t)rp * e, 0.f, V, rp, (int64_t)g.rows_per * rp,
                             g.count);
@@ -1006,6 +1063,7 @@ private:
     std::map<int, float*> random_sketch_;  // layer -> S (2, d, r) on the device
     int random_sketch_d_ = -1;
     cublasHandle_t blas_ = nullptr;  // the learned sketch's GEMMs
+    bool split_ = true;  // block_gemm products: Tf32::Split (fp32 storage) or Tf32::Single (bf16), set by set_math
 };
 
 }  // namespace
