@@ -175,36 +175,146 @@ __global__ void ps_reduce_slices(float* dst, const float* part, int slices, int6
     dst[i] += s;
 }
 
-// LayerNorm with affine of nc rows of n: xhat (nc, n), rstd (nc), nrm (nc, n) = xhat·w + b. One warp per row.
-__global__ void ps_sk_ln_fwd(float* xhat, float* rstd, float* nrm, const float* in, const float* ln_w,
-                             const float* ln_b, int n, int nc) {
-    const int64_t row = warp_row();
-    if (row >= nc) return;
+// mean and 1/sqrt(var + eps) of the row x (n) for the warp (two passes, as the CPU).
+__device__ __forceinline__ void ps_row_stats(const float* x, int n, float& mean, float& rs) {
     const int lane = threadIdx.x % 32;
-    const float* x = in + row * n;
     float sum = 0.f;
     for (int i = lane; i < n; i += 32) sum += x[i];
-    const float mean = warp_sum(sum) / n;
+    mean = warp_sum(sum) / n;
     float var = 0.f;
     for (int i = lane; i < n; i += 32) var += (x[i] - mean) * (x[i] - mean);
     var = warp_sum(var) / n;
-    const float rs = 1.f / sqrtf(var + kLnEps);
-    for (int i = lane; i < n; i += 32) {
-        const float xh = (x[i] - mean) * rs;
-        xhat[row * n + i] = xh;
-        nrm[row * n + i] = xh * ln_w[i] + ln_b[i];
+    rs = 1.f / sqrtf(var + kLnEps);
+}
+// LayerNorm statistics of nc rows of n: mean (nc), rstd (nc). One warp per row.
+__global__ void ps_sk_ln_stats(float* mean, float* rstd, const float* in, int n, int nc) {
+    const int64_t row = warp_row();
+    if (row >= nc) return;
+    float mu, rs;
+    ps_row_stats(in + row * n, n, mu, rs);
+    if (threadIdx.x % 32 == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
     }
-    if (lane == 0) rstd[row] = rs;
 }
-// act = gelu(pre)
-__global__ void ps_sk_gelu(float* act, const float* pre, int64_t count) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx < count) act[idx] = gelu_f(pre[idx]);
+// The LayerNorm-with-affine output x̂·w + b of x (the same rounding steps as the CPU).
+__device__ __forceinline__ float ps_ln_affine(float x, float mean, float rs, float w, float b) {
+    return (x - mean) * rs * w + b;
 }
-// dh *= gelu'(pre)
-__global__ void ps_sk_gelu_bwd(float* dh, const float* pre, int64_t count) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx < count) dh[idx] *= gelu_grad_f(pre[idx]);
+
+// Calls fn(i, j, a_value, b_value) for this thread's 16 entries of two tiles (for_tile's layout).
+template <typename Fn>
+__device__ __forceinline__ void for_tile2(const TcAcc& a, const TcAcc& b, Fn fn) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row = 16 * (warp % 4) + g, col = 32 * (warp / 4) + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) fn(row + 8 * (q / 2), col + 8 * nt + q % 2, a.v[nt][q], b.v[nt][q]);
+}
+
+// One sketch block g forward on 64 rows per thread block, nothing but the output stored:
+// out (nc, r) = GELU(LN(in) W_inᵀ) W_outᵀ, in (nc, n). The LayerNorm statistics are computed in the
+// block; LN(in) is applied in the loader of the first product (K = n), GELU in its epilogue into
+// one 64 × 64 hidden tile in shared memory, which the second product (K = 64 of the hidden units)
+// accumulates into the output tiles, hidden tile after hidden tile (a fixed order). Replaced
+// LayerNorm / GELU kernels around cuBLAS GEMMs with every activation stored: (to be measured).
+constexpr int kOutTiles = (kMaxSketch + kTile - 1) / kTile;  // output tiles of r
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_sk_block_fwd(float* out, const float* __restrict__ in, const float* __restrict__ ln_w,
+                    const float* __restrict__ ln_b, const float* __restrict__ w_in, const float* __restrict__ w_out,
+                    int n, int r, int hid, int nc) {
+    __shared__ GemmSmem sm;
+    __shared__ float act[kTile][kTile + 1];  // act[i][k] = GELU(pre) of row i, hidden unit h0 + k
+    __shared__ float s_mean[kTile], s_rstd[kTile];
+    const int64_t row0 = (int64_t)blockIdx.x * kTile;
+    const int nr = (int)min((int64_t)kTile, nc - row0);
+    const float* x = in + row0 * n;
+    const int warp = threadIdx.x / 32;
+    for (int i = warp; i < kTile; i += kThreads / 32) {
+        float mu = 0.f, rs = 0.f;
+        if (i < nr) ps_row_stats(x + (int64_t)i * n, n, mu, rs);
+        if (threadIdx.x % 32 == 0) {
+            s_mean[i] = mu;
+            s_rstd[i] = rs;
+        }
+    }
+    __syncthreads();
+    const int out_tiles = (r + kTile - 1) / kTile;
+    TcAcc acc_o[kOutTiles];
+#pragma unroll
+    for (int ot = 0; ot < kOutTiles; ot++) zero(acc_o[ot]);
+    for (int h0 = 0; h0 < hid; h0 += kTile) {
+        const int hk = min(kTile, hid - h0);
+        TcAcc acc_h;
+        zero(acc_h);
+        block_gemm<kTf32, true, true>(
+            acc_h, sm, 0, n,
+            [&](int i, int k) {
+                return i < nr ? ps_ln_affine(x[(int64_t)i * n + k], s_mean[i], s_rstd[i], ln_w[k], ln_b[k]) : 0.f;
+            },
+            [&](int k, int j) { return j < hk ? w_in[(int64_t)(h0 + j) * n + k] : 0.f; });
+        for_tile(acc_h, [&](int i, int j, float v) { act[i][j] = gelu_f(v); });
+        __syncthreads();
+#pragma unroll
+        for (int ot = 0; ot < kOutTiles; ot++)
+            if (ot < out_tiles)
+                block_gemm<kTf32, true, true>(
+                    acc_o[ot], sm, 0, hk, [&](int i, int k) { return act[i][k]; },
+                    [&](int k, int j) {
+                        const int o = ot * kTile + j;
+                        return o < r ? w_out[(int64_t)o * hid + h0 + k] : 0.f;
+                    });
+    }
+#pragma unroll
+    for (int ot = 0; ot < kOutTiles; ot++)
+        if (ot < out_tiles)
+            for_tile(acc_o[ot], [&](int i, int j, float v) {
+                const int o = ot * kTile + j;
+                if (i < nr && o < r) out[(row0 + i) * r + o] = v;
+            });
+}
+
+// One sketch block g backward, the hidden layer, on 64 rows × 64 hidden units per thread block:
+// pre = LN(in) W_inᵀ recomputed (LayerNorm from mean, rstd in the loader), dact = dout W_out;
+// act (nc, hid) = GELU(pre) and dh (nc, hid) = dact ∘ GELU'(pre) stored for the weight gradients
+// and dn = dh W_in; the blocks of hidden tile 0 also store nrm (nc, n) = LN(in). Grid (row tiles,
+// hidden tiles). Replaced the stored forward activations plus a cuBLAS GEMM and a GELU' pass:
+// (to be measured).
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_sk_hidden_bwd(float* act, float* dh, float* nrm, const float* __restrict__ in,
+                     const float* __restrict__ mean, const float* __restrict__ rstd,
+                     const float* __restrict__ dout, const float* __restrict__ ln_w,
+                     const float* __restrict__ ln_b, const float* __restrict__ w_in,
+                     const float* __restrict__ w_out, int n, int r, int hid, int nc) {
+    __shared__ GemmSmem sm;
+    const int64_t row0 = (int64_t)blockIdx.x * kTile;
+    const int h0 = blockIdx.y * kTile;
+    const int nr = (int)min((int64_t)kTile, nc - row0), hk = min(kTile, hid - h0);
+    const float* x = in + row0 * n;
+    const float* mu = mean + row0;
+    const float* rs = rstd + row0;
+    auto ln = [&](int i, int k) { return ps_ln_affine(x[(int64_t)i * n + k], mu[i], rs[i], ln_w[k], ln_b[k]); };
+    TcAcc acc_pre, acc_da;
+    zero(acc_pre);
+    zero(acc_da);
+    block_gemm<kTf32, true, true>(
+        acc_pre, sm, 0, n, [&](int i, int k) { return i < nr ? ln(i, k) : 0.f; },
+        [&](int k, int j) { return j < hk ? w_in[(int64_t)(h0 + j) * n + k] : 0.f; });
+    block_gemm<kTf32, true, false>(
+        acc_da, sm, 0, r, [&](int i, int k) { return i < nr ? dout[(row0 + i) * r + k] : 0.f; },
+        [&](int k, int j) { return j < hk ? w_out[(int64_t)k * hid + h0 + j] : 0.f; });
+    for_tile2(acc_pre, acc_da, [&](int i, int j, float pre, float da) {
+        if (i < nr && j < hk) {
+            const int64_t at = (row0 + i) * hid + h0 + j;
+            act[at] = gelu_f(pre);
+            dh[at] = da * gelu_grad_f(pre);
+        }
+    });
+    if (blockIdx.y == 0)
+        for (int idx = threadIdx.x; idx < nr * n; idx += kThreads) nrm[row0 * n + idx] = ln(idx / n, idx % n);
 }
 // tz = tanh(f1 f2 / sqrt r), m = sqrt(r) tz (nc, r); m may be null (the backward's recompute)
 __global__ void ps_sk_tanh(float* tz, float* m, const float* f1, const float* f2, int r, int64_t count) {
@@ -225,14 +335,15 @@ __global__ void ps_sk_tanh_bwd(float* df1, float* df2, const float* dm, const fl
     df1[idx] = dz * f2[idx];
     df2[idx] = dz * f1[idx];
 }
-// LayerNorm-with-affine backward of nc rows of n (n ≤ kMaxSketch), given dn = d(normed):
+// LayerNorm-with-affine backward of nc rows of n (n ≤ kMaxSketch), given dn = d(normed), the
+// input in (nc, n) and its statistics mean, rstd (x̂ = (in − mean)·rstd recomputed):
 // din = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂∘x̂)) with dx̂ = dn∘w, and the affine's gradient partials
 // part (slices, 2n) = [Σ dn∘x̂ | Σ dn] over each slice of kGradSliceRows rows (the layout of
 // ln_w, ln_b). One block per slice, one warp per row; lane sums of its rows in row order, then the
 // warps' sums in warp order (deterministic). Replaced two separate column-sum passes over dn and
 // dn∘x̂: (to be measured).
-__global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn, const float* xhat, const float* rstd,
-                             const float* ln_w, int n, int nc) {
+__global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn, const float* in, const float* mean,
+                             const float* rstd, const float* ln_w, int n, int nc) {
     constexpr int NM = kMaxSketch / 32;
     __shared__ float red[kWarps][2][kMaxSketch];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -240,26 +351,28 @@ __global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn, const flo
     float sw[NM] = {}, sb[NM] = {};
     for (int64_t row = row0 + warp; row < row1; row += kWarps) {
         const float* g = dn + row * n;
-        const float* x = xhat + row * n;
+        const float* xin = in + row * n;
+        const float mu = mean[row], rs = rstd[row];
+        float x[NM];  // x̂ of this lane's columns
         float m1 = 0.f, m2 = 0.f;
 #pragma unroll
         for (int m = 0; m < NM; ++m) {
             const int i = lane + 32 * m;
+            x[m] = i < n ? (xin[i] - mu) * rs : 0.f;
             if (i < n) {
                 const float dx = g[i] * ln_w[i];
-                sw[m] += g[i] * x[i];
+                sw[m] += g[i] * x[m];
                 sb[m] += g[i];
                 m1 += dx;
-                m2 += dx * x[i];
+                m2 += dx * x[m];
             }
         }
         m1 = warp_sum(m1) / n;
         m2 = warp_sum(m2) / n;
-        const float rs = rstd[row];
 #pragma unroll
         for (int m = 0; m < NM; ++m) {
             const int i = lane + 32 * m;
-            if (i < n) din[row * n + i] = rs * (g[i] * ln_w[i] - m1 - x[i] * m2);
+            if (i < n) din[row * n + i] = rs * (g[i] * ln_w[i] - m1 - x[m] * m2);
         }
     }
 #pragma unroll
@@ -284,29 +397,25 @@ __global__ void ps_sk_add2(float* dxh, const float* d1, const float* d2, int64_t
     if (idx < count) dxh[idx] += (0.f + d1[idx]) + d2[idx];
 }
 
-// Offsets (floats) of the chunk buffers of the learned sketch, nc rows. Every activation of every
-// block is kept (the backward's recompute leaves them for the block backwards).
+// Offsets (floats) of the chunk buffers of the learned sketch, nc rows: the blocks' outputs (the
+// inputs of the second blocks and of the tanh) and the backward's per-block buffers, reused block
+// after block.
 struct SketchChunk {
-    int64_t xhat[2][2], rstd[2][2], nrm[2][2], pre[2][2], act[2][2], out[2][2];
-    int64_t tz, df[2], dy, dh, dn, dxf[2], part, total;
+    int64_t out[2][2], tz, df[2], dy, mean, rstd, nrm, act, dh, dn, dxf[2], part, total;
     SketchChunk(int d, int r, int64_t nc) {
         const int64_t hid = 8 * r, maxn = d > r ? d : r;
         int64_t off = 0;
         auto take = [&](int64_t n) { int64_t o = off; off += (n + 63) / 64 * 64; return o; };
         for (int f = 0; f < 2; f++)
-            for (int g = 0; g < 2; g++) {
-                const int64_t n_in = g == 0 ? d : r;
-                xhat[f][g] = take(nc * n_in);
-                rstd[f][g] = take(nc);
-                nrm[f][g] = take(nc * n_in);
-                pre[f][g] = take(nc * hid);
-                act[f][g] = take(nc * hid);
-                out[f][g] = take(nc * r);
-            }
+            for (int g = 0; g < 2; g++) out[f][g] = take(nc * r);
         tz = take(nc * r);
         df[0] = take(nc * r);
         df[1] = take(nc * r);
         dy = take(nc * r);
+        mean = take(nc);
+        rstd = take(nc);
+        nrm = take(nc * maxn);
+        act = take(nc * hid);
         dh = take(nc * hid);
         dn = take(nc * maxn);
         dxf[0] = take(nc * d);
@@ -717,7 +826,8 @@ public:
             for (int64_t row0 = 0; row0 < n2; row0 += P.sk_rows) {
                 const int nc = (int)std::min<int64_t>(P.sk_rows, n2 - row0);
                 sketch_learned_chunk_fwd(L, ws + P.p32, xh + row0 * D.d, nc, nullptr, ck, S);
-                sketch_learned_chunk_bwd(L, ws + P.p32, dparams.f32(), dM + row0 * D.r, dxh + row0 * D.d, nc, ck, S);
+                sketch_learned_chunk_bwd(L, ws + P.p32, dparams.f32(), xh + row0 * D.d, dM + row0 * D.r, dxh + row0 * D.d, nc,
+                                         ck, S);
             }
         } else {
             ps_sketch_random_bwd<<<grid_of(n2, kWarps), 32 * kWarps, kWarps * 2 * D.r * (int)sizeof(float)>>>(
@@ -800,63 +910,69 @@ private:
         CUDA_LAUNCH_CHECK();
     }
 
-    // The learned sketch forward of nc rows x (nc, d): every activation into the chunk buffers ck,
-    // m (nc, r) = M(x) unless null.
+    // fn(std::integral_constant<Tf32, mode>) with the block_gemm mode of this call (split_)
+    template <typename Fn>
+    void by_tf32(Fn&& fn) const {
+        if (split_) fn(std::integral_constant<Tf32, Tf32::Split>{});
+        else fn(std::integral_constant<Tf32, Tf32::Single>{});
+    }
+
+    // The learned sketch forward of nc rows x (nc, d): the blocks' outputs and tz into the chunk
+    // buffers ck, m (nc, r) = M(x) unless null.
     void sketch_learned_chunk_fwd(const PolySketchLayout& L, const float* p, const float* x, int nc, float* m,
                                   float* ck, const SketchChunk& S) {
         const int hid = L.hidden, r = L.r;
-        const int64_t nh = (int64_t)nc * hid;
         for (int f = 0; f < 2; f++)
             for (int g = 0; g < 2; g++) {
                 const PolySketchLayout::Block& b = L.blk[f][g];
-                const int n = b.n_in;
                 const float* in = g == 0 ? x : ck + S.out[f][0];
-                ps_sk_ln_fwd<<<grid_of(nc, kWarps), 32 * kWarps>>>(ck + S.xhat[f][g], ck + S.rstd[f][g],
-                                                                   ck + S.nrm[f][g], in, p + b.ln_w, p + b.ln_b, n, nc);
+                by_tf32([&](auto mode) {
+                    ps_sk_block_fwd<decltype(mode)::value><<<ceil_div(nc, kTile), kThreads>>>(
+                        ck + S.out[f][g], in, p + b.ln_w, p + b.ln_b, p + b.w_in, p + b.w_out, b.n_in, r, hid, nc);
+                });
                 CUDA_LAUNCH_CHECK();
-                gemm_rm(false, true, nc, hid, n, ck + S.nrm[f][g], n, p + b.w_in, n, 0.f, ck + S.pre[f][g], hid);  // pre = nrm W_inᵀ
-                ps_sk_gelu<<<grid_of(nh, 256), 256>>>(ck + S.act[f][g], ck + S.pre[f][g], nh);
-                CUDA_LAUNCH_CHECK();
-                gemm_rm(false, true, nc, r, hid, ck + S.act[f][g], hid, p + b.w_out, hid, 0.f, ck + S.out[f][g], r);  // out = act W_outᵀ
             }
         ps_sk_tanh<<<grid_of((int64_t)nc * r, 256), 256>>>(ck + S.tz, m, ck + S.out[0][1], ck + S.out[1][1], r,
                                                           (int64_t)nc * r);
         CUDA_LAUNCH_CHECK();
     }
-    // One block (f, g) backward on the chunk (activations from sketch_learned_chunk_fwd): dout (nc, r)
-    // -> din (nc, n_in); dp (the parameter gradient) += this block's part.
-    void sketch_block_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, int f, int g, const float* dout,
-                                float* din, int nc, float* ck, const SketchChunk& S) {
+    // One block (f, g) backward on the chunk: in (nc, n_in) its input, dout (nc, r) -> din (nc, n_in);
+    // dp (the parameter gradient) += this block's part.
+    void sketch_block_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, int f, int g, const float* in,
+                                const float* dout, float* din, int nc, float* ck, const SketchChunk& S) {
         const PolySketchLayout::Block& b = L.blk[f][g];
         const int n = b.n_in, hid = L.hidden, r = L.r;
-        const int64_t nh = (int64_t)nc * hid;
-        const float *act = ck + S.act[f][g], *nrm = ck + S.nrm[f][g], *pre = ck + S.pre[f][g];
-        float *dh = ck + S.dh, *dn = ck + S.dn;
-        float* part = ck + S.part;
-        grad_gemm(r, hid, nc, dout, r, act, hid, dp + b.w_out, part);                // dW_out (r, hid) += doutᵀ act
-        gemm_rm(false, false, nc, hid, r, dout, r, p + b.w_out, hid, 0.f, dh, hid);   // dh = dout W_out
-        ps_sk_gelu_bwd<<<grid_of(nh, 256), 256>>>(dh, pre, nh);
+        float *mean = ck + S.mean, *rstd = ck + S.rstd, *nrm = ck + S.nrm, *act = ck + S.act, *dh = ck + S.dh;
+        float *dn = ck + S.dn, *part = ck + S.part;
+        ps_sk_ln_stats<<<grid_of(nc, kWarps), 32 * kWarps>>>(mean, rstd, in, n, nc);
         CUDA_LAUNCH_CHECK();
+        // act = GELU(pre), dh = (dout W_out) ∘ GELU'(pre), nrm = LN(in)
+        by_tf32([&](auto mode) {
+            ps_sk_hidden_bwd<decltype(mode)::value><<<dim3(ceil_div(nc, kTile), ceil_div(hid, kTile)), kThreads>>>(
+                act, dh, nrm, in, mean, rstd, dout, p + b.ln_w, p + b.ln_b, p + b.w_in, p + b.w_out, n, r, hid, nc);
+        });
+        CUDA_LAUNCH_CHECK();
+        grad_gemm(r, hid, nc, dout, r, act, hid, dp + b.w_out, part);            // dW_out (r, hid) += doutᵀ act
         grad_gemm(hid, n, nc, dh, hid, nrm, n, dp + b.w_in, part);               // dW_in (hid, n) += dhᵀ nrm
         gemm_rm(false, false, nc, n, hid, dh, hid, p + b.w_in, n, 0.f, dn, n);   // dn = dh W_in
         // din, and (dln_w, dln_b) += (Σ dn∘x̂, Σ dn): ln_b follows ln_w in the layout
         const int slices = ceil_div(nc, kGradSliceRows);
-        ps_sk_ln_bwd<<<slices, 32 * kWarps>>>(din, part, dn, ck + S.xhat[f][g], ck + S.rstd[f][g], p + b.ln_w, n, nc);
+        ps_sk_ln_bwd<<<slices, 32 * kWarps>>>(din, part, dn, in, mean, rstd, p + b.ln_w, n, nc);
         CUDA_LAUNCH_CHECK();
         ps_reduce_slices<<<grid_of(2 * n, 256), 256>>>(dp + b.ln_w, part, slices, 2 * n);
         CUDA_LAUNCH_CHECK();
     }
-    // The learned sketch backward of the chunk: dxh (nc, d) += the gradient of dm (nc, r) through M;
-    // dp += the parameter gradient. Needs sketch_learned_chunk_fwd of the same rows first.
-    void sketch_learned_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, const float* dm, float* dxh,
-                                  int nc, float* ck, const SketchChunk& S) {
+    // The learned sketch backward of the chunk x (nc, d): dxh (nc, d) += the gradient of dm (nc, r)
+    // through M; dp += the parameter gradient. Needs sketch_learned_chunk_fwd of the same rows first.
+    void sketch_learned_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, const float* x,
+                                  const float* dm, float* dxh, int nc, float* ck, const SketchChunk& S) {
         const int64_t nr = (int64_t)nc * L.r, nd = (int64_t)nc * L.d;
         ps_sk_tanh_bwd<<<grid_of(nr, 256), 256>>>(ck + S.df[0], ck + S.df[1], dm, ck + S.tz, ck + S.out[0][1],
                                                  ck + S.out[1][1], nr);
         CUDA_LAUNCH_CHECK();
         for (int f = 0; f < 2; f++) {
-            sketch_block_chunk_bwd(L, p, dp, f, 1, ck + S.df[f], ck + S.dy, nc, ck, S);
-            sketch_block_chunk_bwd(L, p, dp, f, 0, ck + S.dy, ck + S.dxf[f], nc, ck, S);
+            sketch_block_chunk_bwd(L, p, dp, f, 1, ck + S.out[f][0], ck + S.df[f], ck + S.dy, nc, ck, S);
+            sketch_block_chunk_bwd(L, p, dp, f, 0, x, ck + S.dy, ck + S.dxf[f], nc, ck, S);
         }
         ps_sk_add2<<<grid_of(nd, 256), 256>>>(dxh, ck + S.dxf[0], ck + S.dxf[1], nd);
         CUDA_LAUNCH_CHECK();
