@@ -276,45 +276,108 @@ __global__ void __launch_bounds__(kThreads)
             });
 }
 
-// One sketch block g backward, the hidden layer, on 64 rows × 64 hidden units per thread block:
-// pre = LN(in) W_inᵀ recomputed (LayerNorm from mean, rstd in the loader), dact = dout W_out;
-// act (nc, hid) = GELU(pre) and dh (nc, hid) = dact ∘ GELU'(pre) stored for the weight gradients
-// and dn = dh W_in; the blocks of hidden tile 0 also store nrm (nc, n) = LN(in). Grid (row tiles,
-// hidden tiles). Replaced the stored forward activations plus a cuBLAS GEMM and a GELU' pass:
-// (to be measured).
-template <Tf32 kTf32>
+// One sketch block g backward on a slice of kGradSliceRows rows × 64 hidden units h0.. per thread
+// block, given its input in (nc, n), the LayerNorm statistics mean, rstd (nc) and dout (nc, r);
+// per tile of 64 rows: pre = LN(in) W_inᵀ recomputed (LayerNorm in the loader), dact = dout W_out,
+// act = GELU(pre) and dh = dact ∘ GELU'(pre) into shared memory; then
+//   part_wo (slices, r, hid)  [slice, :, h0..] = Σ_{slice rows} doutᵀ act   (dW_out partial)
+//   part_wi (slices, hid, n)  [slice, h0.., :] = Σ_{slice rows} dhᵀ LN(in)  (dW_in partial)
+//   dn_part (hid tiles, nc, n) [h0 tile]       = dh W_in[h0.., :]           (dn partial)
+// accumulated over the slice's row tiles in order. kTiles: tiles of r and of n (1 when both ≤ 64).
+// Grid (hidden tiles, slices). Replaced stored activations (pre, act, dh: (nc, 8r) each) read by
+// cuBLAS weight-gradient GEMMs plus GELU' and LayerNorm-forward passes: (to be measured).
+template <Tf32 kTf32, int kTiles>
 __global__ void __launch_bounds__(kThreads)
-    ps_sk_hidden_bwd(float* act, float* dh, float* nrm, const float* __restrict__ in,
-                     const float* __restrict__ mean, const float* __restrict__ rstd,
-                     const float* __restrict__ dout, const float* __restrict__ ln_w,
-                     const float* __restrict__ ln_b, const float* __restrict__ w_in,
-                     const float* __restrict__ w_out, int n, int r, int hid, int nc) {
+    ps_sk_block_bwd(float* part_wo, float* part_wi, float* dn_part, const float* __restrict__ in,
+                    const float* __restrict__ mean, const float* __restrict__ rstd,
+                    const float* __restrict__ dout, const float* __restrict__ ln_w,
+                    const float* __restrict__ ln_b, const float* __restrict__ w_in,
+                    const float* __restrict__ w_out, int n, int r, int hid, int nc) {
     __shared__ GemmSmem sm;
-    const int64_t row0 = (int64_t)blockIdx.x * kTile;
-    const int h0 = blockIdx.y * kTile;
-    const int nr = (int)min((int64_t)kTile, nc - row0), hk = min(kTile, hid - h0);
-    const float* x = in + row0 * n;
-    const float* mu = mean + row0;
-    const float* rs = rstd + row0;
-    auto ln = [&](int i, int k) { return ps_ln_affine(x[(int64_t)i * n + k], mu[i], rs[i], ln_w[k], ln_b[k]); };
-    TcAcc acc_pre, acc_da;
-    zero(acc_pre);
-    zero(acc_da);
-    block_gemm<kTf32, true, true>(
-        acc_pre, sm, 0, n, [&](int i, int k) { return i < nr ? ln(i, k) : 0.f; },
-        [&](int k, int j) { return j < hk ? w_in[(int64_t)(h0 + j) * n + k] : 0.f; });
-    block_gemm<kTf32, true, false>(
-        acc_da, sm, 0, r, [&](int i, int k) { return i < nr ? dout[(row0 + i) * r + k] : 0.f; },
-        [&](int k, int j) { return j < hk ? w_out[(int64_t)k * hid + h0 + j] : 0.f; });
-    for_tile2(acc_pre, acc_da, [&](int i, int j, float pre, float da) {
-        if (i < nr && j < hk) {
-            const int64_t at = (row0 + i) * hid + h0 + j;
-            act[at] = gelu_f(pre);
-            dh[at] = da * gelu_grad_f(pre);
-        }
-    });
-    if (blockIdx.y == 0)
-        for (int idx = threadIdx.x; idx < nr * n; idx += kThreads) nrm[row0 * n + idx] = ln(idx / n, idx % n);
+    __shared__ float act[kTile][kTile + 1];  // [row][hidden unit h0 + j] of the current row tile
+    __shared__ float dh[kTile][kTile + 1];
+    const int h0 = blockIdx.x * kTile, hk = min(kTile, hid - h0);
+    const int slice = blockIdx.y;
+    const int64_t s0 = (int64_t)slice * kGradSliceRows, s1 = min((int64_t)nc, s0 + kGradSliceRows);
+    const int out_tiles = (r + kTile - 1) / kTile, in_tiles = (n + kTile - 1) / kTile;
+    TcAcc acc_wo[kTiles], acc_wi[kTiles];
+#pragma unroll
+    for (int u = 0; u < kTiles; u++) {
+        zero(acc_wo[u]);
+        zero(acc_wi[u]);
+    }
+    for (int64_t row0 = s0; row0 < s1; row0 += kTile) {
+        const int nr = (int)min((int64_t)kTile, s1 - row0);
+        auto ln = [&](int i, int k) {
+            const int64_t row = row0 + i;
+            return ps_ln_affine(in[row * n + k], mean[row], rstd[row], ln_w[k], ln_b[k]);
+        };
+        TcAcc acc_pre, acc_da;
+        zero(acc_pre);
+        zero(acc_da);
+        block_gemm<kTf32, true, true>(
+            acc_pre, sm, 0, n, [&](int i, int k) { return i < nr ? ln(i, k) : 0.f; },
+            [&](int k, int j) { return j < hk ? w_in[(int64_t)(h0 + j) * n + k] : 0.f; });
+        block_gemm<kTf32, true, false>(
+            acc_da, sm, 0, r, [&](int i, int k) { return i < nr ? dout[(row0 + i) * r + k] : 0.f; },
+            [&](int k, int j) { return j < hk ? w_out[(int64_t)k * hid + h0 + j] : 0.f; });
+        // rows ≥ nr and units ≥ hk have pre = dact = 0: act = dh = 0 there
+        for_tile2(acc_pre, acc_da, [&](int i, int j, float pre, float da) {
+            act[i][j] = gelu_f(pre);
+            dh[i][j] = da * gelu_grad_f(pre);
+        });
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < kTiles; u++)
+            if (u < out_tiles)  // dW_out[u-th 64 outputs, h0..] += doutᵀ act
+                block_gemm<kTf32, false, false>(
+                    acc_wo[u], sm, 0, nr,
+                    [&](int i, int k) {
+                        const int o = u * kTile + i;
+                        return o < r ? dout[(row0 + k) * r + o] : 0.f;
+                    },
+                    [&](int k, int j) { return act[k][j]; });
+#pragma unroll
+        for (int u = 0; u < kTiles; u++)
+            if (u < in_tiles)  // dW_in[h0.., u-th 64 inputs] += dhᵀ LN(in)
+                block_gemm<kTf32, false, false>(
+                    acc_wi[u], sm, 0, nr, [&](int i, int k) { return dh[k][i]; },
+                    [&](int k, int j) {
+                        const int c = u * kTile + j;
+                        return c < n ? ln(k, c) : 0.f;
+                    });
+#pragma unroll
+        for (int u = 0; u < kTiles; u++)
+            if (u < in_tiles) {  // dn[rows, u-th 64 inputs] of this hidden tile = dh W_in[h0.., :]
+                TcAcc acc_dn;
+                zero(acc_dn);
+                block_gemm<kTf32, true, false>(
+                    acc_dn, sm, 0, hk, [&](int i, int k) { return dh[i][k]; },
+                    [&](int k, int j) {
+                        const int c = u * kTile + j;
+                        return c < n ? w_in[(int64_t)(h0 + k) * n + c] : 0.f;
+                    });
+                float* dst = dn_part + ((int64_t)blockIdx.x * nc + row0) * n;
+                for_tile(acc_dn, [&](int i, int j, float v) {
+                    const int c = u * kTile + j;
+                    if (i < nr && c < n) dst[(int64_t)i * n + c] = v;
+                });
+            }
+        // the last block_gemm ended with __syncthreads: act and dh may be overwritten
+    }
+    float* pwo = part_wo + (int64_t)slice * r * hid;
+    float* pwi = part_wi + (int64_t)slice * hid * n;
+#pragma unroll
+    for (int u = 0; u < kTiles; u++) {
+        for_tile(acc_wo[u], [&](int i, int j, float v) {
+            const int o = u * kTile + i;
+            if (o < r && j < hk) pwo[(int64_t)o * hid + h0 + j] = v;
+        });
+        for_tile(acc_wi[u], [&](int i, int j, float v) {
+            const int c = u * kTile + j;
+            if (i < hk && c < n) pwi[(int64_t)(h0 + i) * n + c] = v;
+        });
+    }
 }
 // tz = tanh(f1 f2 / sqrt r), m = sqrt(r) tz (nc, r); m may be null (the backward's recompute)
 __global__ void ps_sk_tanh(float* tz, float* m, const float* f1, const float* f2, int r, int64_t count) {
@@ -335,34 +398,37 @@ __global__ void ps_sk_tanh_bwd(float* df1, float* df2, const float* dm, const fl
     df1[idx] = dz * f2[idx];
     df2[idx] = dz * f1[idx];
 }
-// LayerNorm-with-affine backward of nc rows of n (n ≤ kMaxSketch), given dn = d(normed), the
-// input in (nc, n) and its statistics mean, rstd (x̂ = (in − mean)·rstd recomputed):
+// LayerNorm-with-affine backward of nc rows of n (n ≤ kMaxSketch), given dn = d(normed) as the sum
+// of `parts` partials dn_part (parts, nc, n) in order, the input in (nc, n) and its statistics mean,
+// rstd (x̂ = (in − mean)·rstd recomputed):
 // din = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂∘x̂)) with dx̂ = dn∘w, and the affine's gradient partials
 // part (slices, 2n) = [Σ dn∘x̂ | Σ dn] over each slice of kGradSliceRows rows (the layout of
 // ln_w, ln_b). One block per slice, one warp per row; lane sums of its rows in row order, then the
 // warps' sums in warp order (deterministic). Replaced two separate column-sum passes over dn and
 // dn∘x̂: (to be measured).
-__global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn, const float* in, const float* mean,
-                             const float* rstd, const float* ln_w, int n, int nc) {
+__global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn_part, int parts, const float* in,
+                             const float* mean, const float* rstd, const float* ln_w, int n, int nc) {
     constexpr int NM = kMaxSketch / 32;
     __shared__ float red[kWarps][2][kMaxSketch];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int row0 = blockIdx.x * kGradSliceRows, row1 = min(row0 + kGradSliceRows, nc);
     float sw[NM] = {}, sb[NM] = {};
     for (int64_t row = row0 + warp; row < row1; row += kWarps) {
-        const float* g = dn + row * n;
         const float* xin = in + row * n;
         const float mu = mean[row], rs = rstd[row];
-        float x[NM];  // x̂ of this lane's columns
+        float x[NM], g[NM];  // x̂ and dn (the sum of the parts in order) of this lane's columns
         float m1 = 0.f, m2 = 0.f;
 #pragma unroll
         for (int m = 0; m < NM; ++m) {
             const int i = lane + 32 * m;
-            x[m] = i < n ? (xin[i] - mu) * rs : 0.f;
+            x[m] = 0.f;
+            g[m] = 0.f;
             if (i < n) {
-                const float dx = g[i] * ln_w[i];
-                sw[m] += g[i] * x[m];
-                sb[m] += g[i];
+                x[m] = (xin[i] - mu) * rs;
+                for (int h = 0; h < parts; ++h) g[m] += dn_part[((int64_t)h * nc + row) * n + i];
+                const float dx = g[m] * ln_w[i];
+                sw[m] += g[m] * x[m];
+                sb[m] += g[m];
                 m1 += dx;
                 m2 += dx * x[m];
             }
@@ -372,7 +438,7 @@ __global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn, const flo
 #pragma unroll
         for (int m = 0; m < NM; ++m) {
             const int i = lane + 32 * m;
-            if (i < n) din[row * n + i] = rs * (g[i] * ln_w[i] - m1 - x[m] * m2);
+            if (i < n) din[row * n + i] = rs * (g[m] * ln_w[i] - m1 - x[m] * m2);
         }
     }
 #pragma unroll
@@ -401,7 +467,7 @@ __global__ void ps_sk_add2(float* dxh, const float* d1, const float* d2, int64_t
 // inputs of the second blocks and of the tanh) and the backward's per-block buffers, reused block
 // after block.
 struct SketchChunk {
-    int64_t out[2][2], tz, df[2], dy, mean, rstd, nrm, act, dh, dn, dxf[2], part, total;
+    int64_t out[2][2], tz, df[2], dy, mean, rstd, dn_part, dxf[2], part_wo, part_wi, part_ln, total;
     SketchChunk(int d, int r, int64_t nc) {
         const int64_t hid = 8 * r, maxn = d > r ? d : r;
         int64_t off = 0;
@@ -414,15 +480,14 @@ struct SketchChunk {
         dy = take(nc * r);
         mean = take(nc);
         rstd = take(nc);
-        nrm = take(nc * maxn);
-        act = take(nc * hid);
-        dh = take(nc * hid);
-        dn = take(nc * maxn);
+        dn_part = take((hid + kTile - 1) / kTile * nc * maxn);
         dxf[0] = take(nc * d);
         dxf[1] = take(nc * d);
-        // partial parameter gradients, one per slice of kGradSliceRows rows: the largest Linear weight
+        // partial parameter gradients, one per slice of kGradSliceRows rows
         const int64_t slices = (nc + kGradSliceRows - 1) / kGradSliceRows;
-        part = take(slices * hid * maxn);
+        part_wo = take(slices * r * hid);
+        part_wi = take(slices * hid * maxn);
+        part_ln = take(slices * 2 * maxn);
         total = off;
     }
 };
@@ -887,28 +952,6 @@ private:
         split_ = dt != DType::BF16;
         CUBLAS_CHECK(cublasSetMathMode(blas(), dt == DType::BF16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     }
-    // Row-major C (M, N) = op(A) op(B) + beta C in fp32 (cuBLAS is column-major: Cᵀ = op(B)ᵀ op(A)ᵀ).
-    void gemm_rm(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B, int ldb,
-                 float beta, float* C, int ldc) {
-        const float one = 1.f;
-        CUBLAS_CHECK(cublasSgemm(blas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M,
-                                 K, &one, B, ldb, A, lda, &beta, C, ldc));
-    }
-    // dst (M, N) += Aᵀ B over nc rows (A (nc, M) ld lda, B (nc, N) ld ldb, row-major): one GEMM per
-    // slice of kGradSliceRows rows into part (slices, M, N), then their ordered sum (deterministic,
-    // and parallel however small M·N is).
-    void grad_gemm(int M, int N, int nc, const float* A, int lda, const float* B, int ldb, float* dst, float* part) {
-        const int full = nc / kGradSliceRows, rem = nc % kGradSliceRows;
-        const int64_t mn = (int64_t)M * N;
-        if (full > 0)
-            gemm_rm_batched(true, false, M, N, kGradSliceRows, A, lda, (int64_t)kGradSliceRows * lda, B, ldb,
-                            (int64_t)kGradSliceRows * ldb, 0.f, part, N, mn, full);
-        if (rem > 0)
-            gemm_rm(true, false, M, N, rem, A + (int64_t)full * kGradSliceRows * lda, lda,
-                    B + (int64_t)full * kGradSliceRows * ldb, ldb, 0.f, part + full * mn, N);
-        ps_reduce_slices<<<grid_of(mn, 256), 256>>>(dst, part, full + (rem > 0 ? 1 : 0), mn);
-        CUDA_LAUNCH_CHECK();
-    }
 
     // fn(std::integral_constant<Tf32, mode>) with the block_gemm mode of this call (split_)
     template <typename Fn>
@@ -937,29 +980,35 @@ private:
         CUDA_LAUNCH_CHECK();
     }
     // One block (f, g) backward on the chunk: in (nc, n_in) its input, dout (nc, r) -> din (nc, n_in);
-    // dp (the parameter gradient) += this block's part.
+    // dp (the parameter gradient) += this block's part (per-slice partials summed in slice order).
     void sketch_block_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, int f, int g, const float* in,
                                 const float* dout, float* din, int nc, float* ck, const SketchChunk& S) {
         const PolySketchLayout::Block& b = L.blk[f][g];
         const int n = b.n_in, hid = L.hidden, r = L.r;
-        float *mean = ck + S.mean, *rstd = ck + S.rstd, *nrm = ck + S.nrm, *act = ck + S.act, *dh = ck + S.dh;
-        float *dn = ck + S.dn, *part = ck + S.part;
+        const int slices = ceil_div(nc, kGradSliceRows), hid_tiles = ceil_div(hid, kTile);
+        float *mean = ck + S.mean, *rstd = ck + S.rstd, *dn_part = ck + S.dn_part;
+        float *part_wo = ck + S.part_wo, *part_wi = ck + S.part_wi, *part_ln = ck + S.part_ln;
         ps_sk_ln_stats<<<grid_of(nc, kWarps), 32 * kWarps>>>(mean, rstd, in, n, nc);
         CUDA_LAUNCH_CHECK();
-        // act = GELU(pre), dh = (dout W_out) ∘ GELU'(pre), nrm = LN(in)
         by_tf32([&](auto mode) {
-            ps_sk_hidden_bwd<decltype(mode)::value><<<dim3(ceil_div(nc, kTile), ceil_div(hid, kTile)), kThreads>>>(
-                act, dh, nrm, in, mean, rstd, dout, p + b.ln_w, p + b.ln_b, p + b.w_in, p + b.w_out, n, r, hid, nc);
+            constexpr Tf32 m = decltype(mode)::value;
+            const dim3 grid(hid_tiles, slices);
+            if (r > kTile || n > kTile)
+                ps_sk_block_bwd<m, 2><<<grid, kThreads>>>(part_wo, part_wi, dn_part, in, mean, rstd, dout, p + b.ln_w,
+                                                          p + b.ln_b, p + b.w_in, p + b.w_out, n, r, hid, nc);
+            else
+                ps_sk_block_bwd<m, 1><<<grid, kThreads>>>(part_wo, part_wi, dn_part, in, mean, rstd, dout, p + b.ln_w,
+                                                          p + b.ln_b, p + b.w_in, p + b.w_out, n, r, hid, nc);
         });
         CUDA_LAUNCH_CHECK();
-        grad_gemm(r, hid, nc, dout, r, act, hid, dp + b.w_out, part);            // dW_out (r, hid) += doutᵀ act
-        grad_gemm(hid, n, nc, dh, hid, nrm, n, dp + b.w_in, part);               // dW_in (hid, n) += dhᵀ nrm
-        gemm_rm(false, false, nc, n, hid, dh, hid, p + b.w_in, n, 0.f, dn, n);   // dn = dh W_in
-        // din, and (dln_w, dln_b) += (Σ dn∘x̂, Σ dn): ln_b follows ln_w in the layout
-        const int slices = ceil_div(nc, kGradSliceRows);
-        ps_sk_ln_bwd<<<slices, 32 * kWarps>>>(din, part, dn, in, mean, rstd, p + b.ln_w, n, nc);
+        ps_reduce_slices<<<grid_of((int64_t)r * hid, 256), 256>>>(dp + b.w_out, part_wo, slices, (int64_t)r * hid);
         CUDA_LAUNCH_CHECK();
-        ps_reduce_slices<<<grid_of(2 * n, 256), 256>>>(dp + b.ln_w, part, slices, 2 * n);
+        ps_reduce_slices<<<grid_of((int64_t)hid * n, 256), 256>>>(dp + b.w_in, part_wi, slices, (int64_t)hid * n);
+        CUDA_LAUNCH_CHECK();
+        // din, and (dln_w, dln_b) += (Σ dn∘x̂, Σ dn): ln_b follows ln_w in the layout
+        ps_sk_ln_bwd<<<slices, 32 * kWarps>>>(din, part_ln, dn_part, hid_tiles, in, mean, rstd, p + b.ln_w, n, nc);
+        CUDA_LAUNCH_CHECK();
+        ps_reduce_slices<<<grid_of(2 * n, 256), 256>>>(dp + b.ln_w, part_ln, slices, 2 * n);
         CUDA_LAUNCH_CHECK();
     }
     // The learned sketch backward of the chunk x (nc, d): dxh (nc, d) += the gradient of dm (nc, r)
