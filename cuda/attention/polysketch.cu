@@ -14,25 +14,34 @@
 // A⊗A⊗g (built like H, scanned backwards) give dC and dB; then through M (into the sketch
 // parameters and q̂, k̂) and the LayerNorms into q, k.
 //
-// Implementation (deterministic: no float atomics, every sum in a fixed order); everything is a
-// cuBLAS strided-batched GEMM plus a few elementwise / row kernels, on large runs of rows:
+// Implementation (deterministic: no float atomics, every sum in a fixed order): tensor-core tile
+// GEMMs (block_gemm of tf32_block_gemm.cuh: 64×64 output tile per 256-thread block, operands read
+// through loaders that compute them on the fly) for the block states and the learned sketch,
+// cuBLAS strided-batched GEMMs for the diagonal blocks and the state contraction, plus a few
+// elementwise / row kernels:
 //   - every intermediate is fp32 in the workspace (q̂, k̂, rstd, A|B, C, G, block states, their
 //     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1)) floats plus fixed-size run buffers,
 //     linear in T;
 //   - the diagonal blocks are dense GEMMs per block: S = X_q X_kᵀ (b, b), W = tril(S^p) by a kernel,
-//     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G
-//     (this replaced warp-per-row dot-product kernels: (to be measured));
+//     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G;
 //   - the block states use the packed symmetric features φ(x) (r(r+1)/2 per row, sqrt(2) off the
-//     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x), materialised for a run of blocks at a
-//     time: build H_l = Φ_lᵀ Y_l, apply Φ_l S_l, contract Y_l S_lᵀ; the prefix/suffix over blocks
-//     is a sequential loop per element;
-//   - the learned sketch runs on chunks of rows as GEMMs (rows × n_in → rows × 8r → rows × r) plus
-//     row-wise LayerNorm / elementwise GELU kernels, keeping every activation for the backward;
-//     its parameter gradient is Xᵀ·dY GEMMs per slice of kGradSliceRows rows into partials (the
-//     LayerNorm affines' column sums fused into the LayerNorm backward), summed in slice order
-//     into dparams (+=), chunk by chunk.
-// Math: bf16 storage runs the GEMMs on the tensor cores in TF32 (10 mantissa bits, finer than the
-// bf16 inputs); fp32 storage (the checking path) keeps full fp32 SGEMMs. cuBLAS (one handle per
+//     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x), never stored: the loaders of
+//     ps_build_states (H_l = Φ_lᵀ Y_l) and ps_apply_states (out_l (+)= Φ_l S_l) compute them from
+//     the r values of a row and a table of the (a, c) pairs; the contraction V_l = Y_l S_lᵀ (cuBLAS,
+//     runs of blocks) then dX_t = ∂(φ(X_t)·V_t)/∂X_t; the prefix/suffix over blocks is a sequential
+//     loop per element;
+//   - the learned sketch runs on chunks of rows, one kernel per sketch block g: forward
+//     GELU(LN(in) W_inᵀ) W_outᵀ with the LayerNorm in the loader and GELU in the epilogue into a
+//     shared-memory hidden tile (only the blocks' outputs are stored); backward per (hidden tile,
+//     slice of kGradSliceRows rows) recomputing pre, then act and dh in shared memory feed the
+//     weight-gradient partials (Σ over the slice) and dn partials per hidden tile; the partials are
+//     summed in order (slices into dparams +=, hidden tiles in the LayerNorm backward).
+//   (This replaced Φ materialised per run of blocks for cuBLAS state GEMMs and a sketch of cuBLAS
+//   GEMMs plus LayerNorm / GELU passes storing every activation, 130 ms f+b at B=2 H=12 T=32768
+//   d=64 bf16 on an H100: (to be measured).)
+// Math: bf16 storage runs every product on the tensor cores in TF32 (block_gemm Tf32::Single,
+// cuBLAS TF32 math: 10 mantissa bits, finer than the bf16 inputs); fp32 storage (the checking
+// path) keeps fp32 accuracy (Tf32::Split, i.e. 3xTF32, and cuBLAS SGEMM). cuBLAS (one handle per
 // Attention object, default stream, no split-K reductions across calls) is bitwise reproducible
 // run to run on one GPU model, so forward and backward are bitwise deterministic.
 // Storage dtypes float or bf16 (q, k, v, o, params in act dtype); dparams fp32.
@@ -155,12 +164,11 @@ __global__ void ps_out_grad(float* G, Strided dO, Strided O, const float* den, D
 }
 
 // ============================================================================ the learned sketch
-// The sketch network runs on chunks of rows at a time as fp32 GEMMs (cuBLAS SGEMM, no TF32:
-// deterministic for a fixed GPU and toolkit) plus row-wise/elementwise kernels; the parameter
-// gradients are GEMMs over slices of the chunk's rows (Xᵀ·dY) and column sums (the LayerNorm
-// affines) into per-slice partials, summed in slice order into dparams (+=), chunk after chunk.
-// Parameters: `p` is an fp32 copy of params in the layout of polysketch_sketch.h (Linear weights
-// (out, in) row-major). Row-major chunk buffers, one row per sketch input row.
+// The sketch network runs on chunks of rows at a time (see the top of the file); the parameter
+// gradients are per-slice partials (kGradSliceRows rows) summed in slice order into dparams (+=),
+// chunk after chunk. Parameters: `p` is an fp32 copy of params in the layout of
+// polysketch_sketch.h (Linear weights (out, in) row-major). Row-major chunk buffers, one row per
+// sketch input row.
 template <typename T>
 __global__ void ps_params_to_f32(float* p, const T* src, int64_t n) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -545,10 +553,10 @@ __global__ void ps_sketch_random_bwd(float* dxh, const float* dM, const float* x
 // matrix, with φ(x) the packed symmetric features of x⊗x: X⊗X is symmetric in its two indices, so
 // one feature per pair a ≤ c, scaled by sqrt(2) off the diagonal, gives ⟨φ(x), φ(y)⟩ = ⟨x, y⟩²
 // with half the features (a reordering of the same sum; beat the r² features of x⊗x by (to be
-// measured)). Every state operation is a GEMM per
-// block, run as cuBLAS strided-batched GEMMs over runs of equally sized blocks (host side,
-// StateSegment): build H_l = Φ_lᵀ Y_l, apply out_l (+)= Φ_l S_l, contract V_l = Y_l S_lᵀ then
-// dX_t = ∂(φ(X_t)·V_t)/∂X_t. These kernels fill Φ and finish the contraction.
+// measured)). Every state operation is a GEMM per block: build H_l = Φ_lᵀ Y_l and apply
+// out_l (+)= Φ_l S_l as block_gemm kernels over every block of every head (Φ computed in the
+// loaders, never stored); contract V_l = Y_l S_lᵀ as cuBLAS strided-batched GEMMs over runs of
+// equally sized blocks (host side, StateSegment) then dX_t = ∂(φ(X_t)·V_t)/∂X_t by a kernel.
 
 // Index of the pair a ≤ c in the packed features (row-major upper triangle of r × r).
 __device__ __forceinline__ int pair_index(int a, int c, int r) { return a * r - a * (a - 1) / 2 + (c - a); }
