@@ -32,7 +32,8 @@
 //     loop per element;
 //   - the learned sketch runs on chunks of rows, one kernel per sketch block g: forward
 //     GELU(LN(in) W_inᵀ) W_outᵀ with the LayerNorm in the loader and GELU in the epilogue into a
-//     shared-memory hidden tile (only the blocks' outputs are stored); backward per (hidden tile,
+//     shared-memory hidden tile (only the blocks' outputs and tanh are stored, for every row: the
+//     backward's forward pass leaves them for its sketch backward); backward per (hidden tile,
 //     slice of kGradSliceRows rows) recomputing pre, then act and dh in shared memory feed the
 //     weight-gradient partials (Σ over the slice) and dn partials per hidden tile; the partials are
 //     summed in order (slices into dparams +=, hidden tiles in the LayerNorm backward).
@@ -387,14 +388,14 @@ __global__ void __launch_bounds__(kThreads)
         });
     }
 }
-// tz = tanh(f1 f2 / sqrt r), m = sqrt(r) tz (nc, r); m may be null (the backward's recompute)
+// tz = tanh(f1 f2 / sqrt r), m = sqrt(r) tz (nc, r)
 __global__ void ps_sk_tanh(float* tz, float* m, const float* f1, const float* f2, int r, int64_t count) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= count) return;
     const float sr = sqrtf((float)r);
     const float z = tanhf(f1[idx] * f2[idx] / sr);
     tz[idx] = z;
-    if (m) m[idx] = sr * z;
+    m[idx] = sr * z;
 }
 // dz = dm (1 − tz²): df1 = dz f2, df2 = dz f1
 __global__ void ps_sk_tanh_bwd(float* df1, float* df2, const float* dm, const float* tz, const float* f1,
@@ -471,18 +472,14 @@ __global__ void ps_sk_add2(float* dxh, const float* d1, const float* d2, int64_t
     if (idx < count) dxh[idx] += (0.f + d1[idx]) + d2[idx];
 }
 
-// Offsets (floats) of the chunk buffers of the learned sketch, nc rows: the blocks' outputs (the
-// inputs of the second blocks and of the tanh) and the backward's per-block buffers, reused block
+// Offsets (floats) of the chunk buffers of the learned sketch's backward, nc rows, reused block
 // after block.
 struct SketchChunk {
-    int64_t out[2][2], tz, df[2], dy, mean, rstd, dn_part, dxf[2], part_wo, part_wi, part_ln, total;
+    int64_t df[2], dy, mean, rstd, dn_part, dxf[2], part_wo, part_wi, part_ln, total;
     SketchChunk(int d, int r, int64_t nc) {
         const int64_t hid = 8 * r, maxn = d > r ? d : r;
         int64_t off = 0;
         auto take = [&](int64_t n) { int64_t o = off; off += (n + 63) / 64 * 64; return o; };
-        for (int f = 0; f < 2; f++)
-            for (int g = 0; g < 2; g++) out[f][g] = take(nc * r);
-        tz = take(nc * r);
         df[0] = take(nc * r);
         df[1] = take(nc * r);
         dy = take(nc * r);
@@ -765,6 +762,7 @@ struct WorkspacePlan {
     int64_t cv_blocks;  // blocks per run of the contraction GEMMs (cv holds cv_blocks·block rows of r(r+1)/2)
     int64_t diag_blocks, diag_floats;  // blocks per run of the diagonal-block GEMMs; floats of each of its 2 buffers
     int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
+    int64_t skk;      // the learned sketch's kept outputs (5, 2·rows, r): blocks (f, g) = (0,0) (0,1) (1,0) (1,1), tz
     WorkspacePlan(const AttnShape& s, int r, int block, size_t num_params) {
         const int64_t rows = (int64_t)s.rows(), d = s.d, e = d + 1;
         const int64_t L = (s.T + block - 1) / block, rp = (int64_t)r * (r + 1) / 2;
@@ -791,6 +789,7 @@ struct WorkspacePlan {
         const int64_t per_row = SketchChunk((int)d, r, 64).total / 64;
         sk_rows = num_params ? std::min<int64_t>(2 * rows, std::max<int64_t>(256, kSketchChunkFloats / per_row)) : 0;
         sk = take(num_params ? SketchChunk((int)d, r, sk_rows).total : 0);
+        skk = take(num_params ? 5 * 2 * rows * r : 0);
         total = off;
     }
 };
@@ -898,9 +897,8 @@ public:
             float* ck = ws + P.sk;
             for (int64_t row0 = 0; row0 < n2; row0 += P.sk_rows) {
                 const int nc = (int)std::min<int64_t>(P.sk_rows, n2 - row0);
-                sketch_learned_chunk_fwd(L, ws + P.p32, xh + row0 * D.d, nc, nullptr, ck, S);
-                sketch_learned_chunk_bwd(L, ws + P.p32, dparams.f32(), xh + row0 * D.d, dM + row0 * D.r, dxh + row0 * D.d, nc,
-                                         ck, S);
+                sketch_learned_chunk_bwd(L, ws + P.p32, dparams.f32(), xh + row0 * D.d, dM + row0 * D.r, dxh + row0 * D.d,
+                                         nc, ck, S, SketchKeep(ws, P, D, row0));
             }
         } else {
             ps_sketch_random_bwd<<<grid_of(n2, kWarps), 32 * kWarps, kWarps * 2 * D.r * (int)sizeof(float)>>>(
@@ -968,23 +966,36 @@ private:
         else fn(std::integral_constant<Tf32, Tf32::Single>{});
     }
 
-    // The learned sketch forward of nc rows x (nc, d): the blocks' outputs and tz into the chunk
-    // buffers ck, m (nc, r) = M(x) unless null.
+    // The kept outputs of the learned sketch (the inputs of the second blocks and of the tanh) of the
+    // rows from row0 on: views of the workspace's skk (5, 2·rows, r).
+    struct SketchKeep {
+        float* out[2][2];  // (rows, r) of block (f, g)
+        float* tz;         // (rows, r) tanh(f1 f2 / sqrt r)
+        SketchKeep(float* ws, const WorkspacePlan& P, const Dims& D, int64_t row0) {
+            const int64_t n2r = 2 * D.rows * D.r;
+            float* base = ws + P.skk + row0 * D.r;
+            for (int f = 0; f < 2; f++)
+                for (int g = 0; g < 2; g++) out[f][g] = base + (2 * f + g) * n2r;
+            tz = base + 4 * n2r;
+        }
+    };
+
+    // The learned sketch forward of nc rows x (nc, d): the blocks' outputs and tz into K,
+    // m (nc, r) = M(x).
     void sketch_learned_chunk_fwd(const PolySketchLayout& L, const float* p, const float* x, int nc, float* m,
-                                  float* ck, const SketchChunk& S) {
+                                  const SketchKeep& K) {
         const int hid = L.hidden, r = L.r;
         for (int f = 0; f < 2; f++)
             for (int g = 0; g < 2; g++) {
                 const PolySketchLayout::Block& b = L.blk[f][g];
-                const float* in = g == 0 ? x : ck + S.out[f][0];
+                const float* in = g == 0 ? x : K.out[f][0];
                 by_tf32([&](auto mode) {
                     ps_sk_block_fwd<decltype(mode)::value><<<ceil_div(nc, kTile), kThreads>>>(
-                        ck + S.out[f][g], in, p + b.ln_w, p + b.ln_b, p + b.w_in, p + b.w_out, b.n_in, r, hid, nc);
+                        K.out[f][g], in, p + b.ln_w, p + b.ln_b, p + b.w_in, p + b.w_out, b.n_in, r, hid, nc);
                 });
                 CUDA_LAUNCH_CHECK();
             }
-        ps_sk_tanh<<<grid_of((int64_t)nc * r, 256), 256>>>(ck + S.tz, m, ck + S.out[0][1], ck + S.out[1][1], r,
-                                                          (int64_t)nc * r);
+        ps_sk_tanh<<<grid_of((int64_t)nc * r, 256), 256>>>(K.tz, m, K.out[0][1], K.out[1][1], r, (int64_t)nc * r);
         CUDA_LAUNCH_CHECK();
     }
     // One block (f, g) backward on the chunk: in (nc, n_in) its input, dout (nc, r) -> din (nc, n_in);
@@ -1020,15 +1031,16 @@ private:
         CUDA_LAUNCH_CHECK();
     }
     // The learned sketch backward of the chunk x (nc, d): dxh (nc, d) += the gradient of dm (nc, r)
-    // through M; dp += the parameter gradient. Needs sketch_learned_chunk_fwd of the same rows first.
+    // through M; dp += the parameter gradient. K: the kept outputs of sketch_learned_chunk_fwd.
     void sketch_learned_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, const float* x,
-                                  const float* dm, float* dxh, int nc, float* ck, const SketchChunk& S) {
+                                  const float* dm, float* dxh, int nc, float* ck, const SketchChunk& S,
+                                  const SketchKeep& K) {
         const int64_t nr = (int64_t)nc * L.r, nd = (int64_t)nc * L.d;
-        ps_sk_tanh_bwd<<<grid_of(nr, 256), 256>>>(ck + S.df[0], ck + S.df[1], dm, ck + S.tz, ck + S.out[0][1],
-                                                 ck + S.out[1][1], nr);
+        ps_sk_tanh_bwd<<<grid_of(nr, 256), 256>>>(ck + S.df[0], ck + S.df[1], dm, K.tz, K.out[0][1], K.out[1][1],
+                                                 nr);
         CUDA_LAUNCH_CHECK();
         for (int f = 0; f < 2; f++) {
-            sketch_block_chunk_bwd(L, p, dp, f, 1, ck + S.out[f][0], ck + S.df[f], ck + S.dy, nc, ck, S);
+            sketch_block_chunk_bwd(L, p, dp, f, 1, K.out[f][0], ck + S.df[f], ck + S.dy, nc, ck, S);
             sketch_block_chunk_bwd(L, p, dp, f, 0, x, ck + S.dy, ck + S.dxf[f], nc, ck, S);
         }
         ps_sk_add2<<<grid_of(nd, 256), 256>>>(dxh, ck + S.dxf[0], ck + S.dxf[1], nd);
@@ -1085,10 +1097,10 @@ private:
         CUDA_LAUNCH_CHECK();
         if (cfg_.sketch_learned) {
             const PolySketchLayout L = polysketch_layout(D.d, D.r);
-            const SketchChunk S(D.d, D.r, P.sk_rows);
             for (int64_t row0 = 0; row0 < n2; row0 += P.sk_rows) {
                 const int nc = (int)std::min<int64_t>(P.sk_rows, n2 - row0);
-                sketch_learned_chunk_fwd(L, ws + P.p32, ws + P.xh + row0 * D.d, nc, ws + P.M + row0 * D.r, ws + P.sk, S);
+                sketch_learned_chunk_fwd(L, ws + P.p32, ws + P.xh + row0 * D.d, nc, ws + P.M + row0 * D.r,
+                                         SketchKeep(ws, P, D, row0));
             }
         } else {
             ps_sketch_random_fwd<<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.M, ws + P.xh, sketch, D.d, D.r, n2);
