@@ -16,14 +16,15 @@
 //
 // Implementation (deterministic: no float atomics, every sum in a fixed order): tensor-core tile
 // GEMMs (block_gemm of tf32_block_gemm.cuh: 64×64 output tile per 256-thread block, operands read
-// through loaders that compute them on the fly) for the block states and the learned sketch,
-// cuBLAS strided-batched GEMMs for the diagonal blocks and the state contraction, plus a few
-// elementwise / row kernels:
+// through loaders that compute them on the fly) for the diagonal blocks, the block states and the
+// learned sketch, cuBLAS strided-batched GEMMs for the state contraction, plus a few elementwise /
+// row kernels:
 //   - every intermediate is fp32 in the workspace (q̂, k̂, rstd, A|B, C, G, block states, their
 //     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1)) floats plus fixed-size run buffers,
 //     linear in T;
-//   - the diagonal blocks are dense GEMMs per block: S = X_q X_kᵀ (b, b), W = tril(S^p) by a kernel,
-//     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G;
+//   - the diagonal blocks flash-style, 64 × 64 tiles: S = X_q X_kᵀ, W = tril(S^p) in shared memory,
+//     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k (query side), dX_k = dSᵀ X_q and
+//     dC = Wᵀ G (key side), nothing of size b² stored;
 //   - the block states use the packed symmetric features φ(x) (r(r+1)/2 per row, sqrt(2) off the
 //     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x), never stored: the loaders of
 //     ps_build_states (H_l = Φ_lᵀ Y_l) and ps_apply_states (out_l (+)= Φ_l S_l) compute them from
@@ -37,9 +38,10 @@
 //     slice of kGradSliceRows rows) recomputing pre, then act and dh in shared memory feed the
 //     weight-gradient partials (Σ over the slice) and dn partials per hidden tile; the partials are
 //     summed in order (slices into dparams +=, hidden tiles in the LayerNorm backward).
-//   (This replaced Φ materialised per run of blocks for cuBLAS state GEMMs and a sketch of cuBLAS
-//   GEMMs plus LayerNorm / GELU passes storing every activation, 130 ms f+b at B=2 H=12 T=32768
-//   d=64 bf16 on an H100: (to be measured).)
+//   (This replaced cuBLAS GEMMs through (b, b) buffers for the diagonal blocks, Φ materialised per
+//   run of blocks for cuBLAS state GEMMs and a sketch of cuBLAS GEMMs plus LayerNorm / GELU passes
+//   storing every activation, 130 ms f+b at B=2 H=12 T=32768 d=64 bf16 on an H100: (to be
+//   measured).)
 // Math: bf16 storage runs every product on the tensor cores in TF32 (block_gemm Tf32::Single,
 // cuBLAS TF32 math: 10 mantissa bits, finer than the bf16 inputs); fp32 storage (the checking
 // path) keeps fp32 accuracy (Tf32::Split, i.e. 3xTF32, and cuBLAS SGEMM). cuBLAS (one handle per
@@ -71,7 +73,6 @@ constexpr int kWarps = 8;            // warps per block of the row-per-warp kern
 constexpr int64_t kSketchChunkFloats = int64_t(1) << 27;  // chunk buffers of the learned sketch (512 MB)
 constexpr int kGradSliceRows = 512;  // rows per partial of the sketch-parameter gradient
 constexpr int64_t kContractFloats = int64_t(1) << 25;  // V buffer of the state contraction (128 MB; at least one block)
-constexpr int64_t kDiagFloats = int64_t(1) << 25;  // each of the two (nb, nb) buffers of the diagonal blocks (128 MB)
 constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane, LayerNorm backward)
 constexpr float kSqrt2 = 1.4142135623730951f;
 
@@ -678,32 +679,150 @@ __global__ void ps_state_scan(float* states, Dims D, bool reverse) {
 }
 
 // ============================================================================ diagonal blocks
-// The intra-block part as batched GEMMs per block of nb ≤ b rows (host side, diag_forward and
-// diag_backward), with the base features X_q, X_k = q̂, k̂ and power p (exact_diag) or A, B and
-// power 2: S = X_q X_kᵀ (nb, nb), W = tril(S^p), out += W C; backward dW = G Cᵀ,
-// dS = tril(p S^(p−1) ∘ dW), dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G. These kernels apply the
-// power and the causal mask on (count, nb, nb) buffers.
+// The intra-block part of every block of nb ≤ b rows, with the base features X_q, X_k = q̂, k̂ and
+// power p (exact_diag) or A, B and power 2 (nf features per row): S = X_q X_kᵀ (nb, nb),
+// W = tril(S^p), out += W C; backward dW = G Cᵀ, dS = tril(p S^(p−1) ∘ dW), dX_q = dS X_k,
+// dX_k = dSᵀ X_q, dC = Wᵀ G. Flash-style: a 64 × 64 tile of S (and dW) is computed by block_gemm,
+// turned into W or dS in shared memory and multiplied at once, key tile after key tile (query side)
+// or query tile after query tile (key side), in order; nothing of size nb² is stored. Grid
+// (B·H·L, tiles within one block). Replaced per-block cuBLAS GEMMs through (nb, nb) buffers plus
+// power/mask kernels: (to be measured).
 
-// S <- W = tril(S^p)
-__global__ void ps_diag_weights(float* S, int nb, int p, int64_t n) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n) return;
-    const int j = (int)(idx % nb), i = (int)((idx / nb) % nb);
-    S[idx] = j <= i ? ipow(S[idx], p) : 0.f;
+// Where a 64-row tile of block blk lies: first global row, rows, and whether it exists.
+struct DiagTile {
+    int64_t row0;
+    int n;
+};
+__device__ __forceinline__ DiagTile diag_tile(const Dims& D, int64_t blk, int tile) {
+    const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
+    return DiagTile{(blk / D.L) * D.T + t0 + tile * kTile, min(kTile, nb - tile * kTile)};
 }
-// S <- dS = tril(p S^(p−1) dW), dW <- W = tril(S^p)
-__global__ void ps_diag_grads(float* S, float* dW, int nb, int p, int64_t n) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n) return;
-    const int j = (int)(idx % nb), i = (int)((idx / nb) % nb);
-    if (j <= i) {
-        const float s = S[idx], sp1 = ipow(s, p - 1);
-        S[idx] = p * sp1 * dW[idx];
-        dW[idx] = sp1 * s;
-    } else {
-        S[idx] = 0.f;
-        dW[idx] = 0.f;
+// acc = X_q[query tile] X_k[key tile]ᵀ (i query, j key; 0 outside the tiles)
+template <Tf32 kTf32>
+__device__ __forceinline__ void diag_scores(TcAcc& acc, GemmSmem& sm, const float* Xq, const float* Xk, int nf,
+                                            const DiagTile& q, const DiagTile& k) {
+    zero(acc);
+    block_gemm<kTf32, true, true>(
+        acc, sm, 0, nf, [&](int i, int c) { return i < q.n ? Xq[(q.row0 + i) * nf + c] : 0.f; },
+        [&](int c, int j) { return j < k.n ? Xk[(k.row0 + j) * nf + c] : 0.f; });
+}
+// acc = G[query tile] C[key tile]ᵀ = dW. Its entries cancel (dO·v_j − dO·o_i): SplitA in the bf16
+// path (C = [v | 1] is exact in TF32), fp32 accuracy.
+template <Tf32 kTf32>
+__device__ __forceinline__ void diag_dw(TcAcc& acc, GemmSmem& sm, const float* G, const float* C, int e,
+                                        const DiagTile& q, const DiagTile& k) {
+    constexpr Tf32 kMode = kTf32 == Tf32::Single ? Tf32::SplitA : kTf32;
+    zero(acc);
+    block_gemm<kMode, true, true>(
+        acc, sm, 0, e, [&](int i, int c) { return i < q.n ? G[(q.row0 + i) * e + c] : 0.f; },
+        [&](int c, int j) { return j < k.n ? C[(k.row0 + j) * e + c] : 0.f; });
+}
+
+// out (rows, e) = beta·out + Σ_{j ≤ i in the block} w_ij C_j (out not read when beta = 0).
+// Grid (B·H·L, query tiles × column tiles of e).
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_diag_fwd(float* out, const float* __restrict__ Xq, const float* __restrict__ Xk, const float* __restrict__ C,
+                Dims D, int nf, int p, float beta) {
+    __shared__ GemmSmem sm;
+    __shared__ float w[kTile][kTile + 1];  // W[query i][key j] of the current key tile
+    const int col_tiles = (D.e + kTile - 1) / kTile;
+    const int qt = blockIdx.y / col_tiles, j0 = (blockIdx.y % col_tiles) * kTile;
+    const DiagTile q = diag_tile(D, blockIdx.x, qt);
+    if (q.n <= 0) return;  // the whole block: before any barrier
+    TcAcc acc;
+    zero(acc);
+    for (int kt = 0; kt <= qt; kt++) {
+        const DiagTile k = diag_tile(D, blockIdx.x, kt);
+        TcAcc s;
+        diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
+        for_tile(s, [&](int i, int j, float v) { w[i][j] = kt * kTile + j <= qt * kTile + i ? ipow(v, p) : 0.f; });
+        __syncthreads();
+        block_gemm<kTf32, true, false>(
+            acc, sm, 0, k.n, [&](int i, int c) { return w[i][c]; },
+            [&](int c, int j) { return j0 + j < D.e ? C[(k.row0 + c) * D.e + j0 + j] : 0.f; });
     }
+    float* o = out + q.row0 * D.e;
+    for_tile(acc, [&](int i, int j, float v) {
+        if (i < q.n && j0 + j < D.e) {
+            float& dst = o[(int64_t)i * D.e + j0 + j];
+            dst = beta == 0.f ? v : beta * dst + v;
+        }
+    });
+}
+
+// dX_q (rows, nf) = dS X_k over the keys of the block (overwritten). Grid (B·H·L, query tiles ×
+// column tiles of nf).
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_diag_bwd_q(float* dXq, const float* __restrict__ Xq, const float* __restrict__ Xk, const float* __restrict__ C,
+                  const float* __restrict__ G, Dims D, int nf, int p) {
+    __shared__ GemmSmem sm;
+    __shared__ float ds[kTile][kTile + 1];  // dS[query i][key j] of the current key tile
+    const int col_tiles = (nf + kTile - 1) / kTile;
+    const int qt = blockIdx.y / col_tiles, c0 = (blockIdx.y % col_tiles) * kTile;
+    const DiagTile q = diag_tile(D, blockIdx.x, qt);
+    if (q.n <= 0) return;
+    TcAcc acc;
+    zero(acc);
+    for (int kt = 0; kt <= qt; kt++) {
+        const DiagTile k = diag_tile(D, blockIdx.x, kt);
+        TcAcc s, dw;
+        diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
+        diag_dw<kTf32>(dw, sm, G, C, D.e, q, k);
+        for_tile2(s, dw, [&](int i, int j, float sv, float dwv) {
+            ds[i][j] = kt * kTile + j <= qt * kTile + i ? p * ipow(sv, p - 1) * dwv : 0.f;
+        });
+        __syncthreads();
+        block_gemm<kTf32, true, false>(
+            acc, sm, 0, k.n, [&](int i, int c) { return ds[i][c]; },
+            [&](int c, int j) { return c0 + j < nf ? Xk[(k.row0 + c) * nf + c0 + j] : 0.f; });
+    }
+    for_tile(acc, [&](int i, int j, float v) {
+        if (i < q.n && c0 + j < nf) dXq[(q.row0 + i) * nf + c0 + j] = v;
+    });
+}
+
+// Key side, overwritten: dX_k (rows, nf) = dSᵀ X_q and dC (rows, e) = Wᵀ G over the queries of the
+// block. Grid (B·H·L, key tiles × (column tiles of nf, then of e)).
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_diag_bwd_k(float* dXk, float* dC, const float* __restrict__ Xq, const float* __restrict__ Xk,
+                  const float* __restrict__ C, const float* __restrict__ G, Dims D, int nf, int p) {
+    __shared__ GemmSmem sm;
+    __shared__ float t[kTile][kTile + 1];  // dS or W [query i][key j] of the current query tile
+    const int nf_tiles = (nf + kTile - 1) / kTile, tiles = nf_tiles + (D.e + kTile - 1) / kTile;
+    const int kt = blockIdx.y / tiles, which = blockIdx.y % tiles;
+    const bool is_dc = which >= nf_tiles;  // this block's output: dC, else dX_k
+    const int c0 = (is_dc ? which - nf_tiles : which) * kTile, width = is_dc ? D.e : nf;
+    const DiagTile k = diag_tile(D, blockIdx.x, kt);
+    if (k.n <= 0) return;
+    const float* Y = is_dc ? G : Xq;  // the right operand, (rows, width)
+    TcAcc acc;
+    zero(acc);
+    for (int qt = kt;; qt++) {
+        const DiagTile q = diag_tile(D, blockIdx.x, qt);
+        if (q.n <= 0) break;
+        TcAcc s;
+        diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
+        if (is_dc) {
+            for_tile(s, [&](int i, int j, float v) { t[i][j] = kt * kTile + j <= qt * kTile + i ? ipow(v, p) : 0.f; });
+        } else {
+            TcAcc dw;
+            diag_dw<kTf32>(dw, sm, G, C, D.e, q, k);
+            for_tile2(s, dw, [&](int i, int j, float sv, float dwv) {
+                t[i][j] = kt * kTile + j <= qt * kTile + i ? p * ipow(sv, p - 1) * dwv : 0.f;
+            });
+        }
+        __syncthreads();
+        block_gemm<kTf32, false, false>(
+            acc, sm, 0, q.n, [&](int i, int c) { return t[c][i]; },
+            [&](int c, int j) { return c0 + j < width ? Y[(q.row0 + c) * width + c0 + j] : 0.f; });
+    }
+    float* dst = is_dc ? dC : dXk;
+    for_tile(acc, [&](int i, int j, float v) {
+        if (i < k.n && c0 + j < width) dst[(k.row0 + i) * width + c0 + j] = v;
+    });
 }
 
 // o (rows, d) = U[:, :d] / (1 + U[:, d]), den (rows) = 1 + U[:, d]. One thread per element of o.
@@ -758,15 +877,13 @@ int grid_of(int64_t n, int threads) { return ceil_div(n, threads); }
 
 // Offsets (floats) of everything in the workspace.
 struct WorkspacePlan {
-    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, cv, diag, p32, sk, total;
+    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, cv, p32, sk, total;
     int64_t cv_blocks;  // blocks per run of the contraction GEMMs (cv holds cv_blocks·block rows of r(r+1)/2)
-    int64_t diag_blocks, diag_floats;  // blocks per run of the diagonal-block GEMMs; floats of each of its 2 buffers
     int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
     int64_t skk;      // the learned sketch's kept outputs (5, 2·rows, r): blocks (f, g) = (0,0) (0,1) (1,0) (1,1), tz
     WorkspacePlan(const AttnShape& s, int r, int block, size_t num_params) {
         const int64_t rows = (int64_t)s.rows(), d = s.d, e = d + 1;
         const int64_t L = (s.T + block - 1) / block, rp = (int64_t)r * (r + 1) / 2;
-        const int64_t nb = std::min(block, s.T);  // rows of the largest block
         int64_t off = 0;
         auto take = [&](int64_t n) { int64_t o = off; off += (n + 63) / 64 * 64; return o; };
         xh = take(2 * rows * d);
@@ -781,9 +898,6 @@ struct WorkspacePlan {
         pairs = take(rp);  // ints
         cv_blocks = std::max<int64_t>(1, std::min<int64_t>(kContractFloats / ((int64_t)block * rp), s.B * s.H * L));
         cv = take(L > 1 ? cv_blocks * block * rp : 0);
-        diag_blocks = std::max<int64_t>(1, std::min<int64_t>(kDiagFloats / (nb * nb), s.B * s.H * L));
-        diag_floats = (diag_blocks * nb * nb + 63) / 64 * 64;
-        diag = take(2 * diag_floats);
         p32 = take((int64_t)num_params);
         // rows per chunk: as many as fit kSketchChunkFloats (at least 256), at most all 2·rows
         const int64_t per_row = SketchChunk((int)d, r, 64).total / 64;
@@ -1179,54 +1293,38 @@ private:
         }
     }
 
-    // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j (diag kernels)
+    // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j
     void diag_forward(const Dims& D, const WorkspacePlan& P, float* ws, float* out, float beta) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2;
         const float* Xq = ws + (exact ? P.xh : P.M);  // (rows, nf) q̂ or A, then the k̂ or B rows
         const float* Xk = Xq + D.rows * nf;
-        const float* C = ws + P.C;
-        float* S = ws + P.diag;
-        for (const StateSegment& g : segments(D, P.diag_blocks)) {
-            const int nb = g.rows_per;
-            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
-            gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
-                            nn, g.count);  // S = X_q X_kᵀ
-            ps_diag_weights<<<grid_of(g.count * nn, 256), 256>>>(S, nb, p, g.count * nn);
-            CUDA_LAUNCH_CHECK();
-            gemm_rm_batched(false, false, nb, e, nb, S, nb, nn, C + g.row0 * e, e, cs, beta, out + g.row0 * e, e, cs,
-                            g.count);  // out (+)= W C
-        }
+        const int q_tiles = ceil_div(std::min(D.block, D.T), kTile);
+        const dim3 grid = state_grid(D, q_tiles * ceil_div(D.e, kTile));
+        by_tf32([&](auto mode) {
+            ps_diag_fwd<decltype(mode)::value><<<grid, kThreads>>>(out, Xq, Xk, ws + P.C, D, nf, p, beta);
+        });
+        CUDA_LAUNCH_CHECK();
     }
     // The diagonal blocks' gradients, overwriting: dC (rows, e); dq̂, dk̂ in dxh (exact_diag) or dA, dB
     // in dM (sketched), the other one zeroed (both are accumulated into afterwards).
     void diag_backward(const Dims& D, const WorkspacePlan& P, float* ws) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2;
         const float* Xq = ws + (exact ? P.xh : P.M);
         const float* Xk = Xq + D.rows * nf;
         float* dXq = ws + (exact ? P.dxh : P.dM);
         float* dXk = dXq + D.rows * nf;
         const float *C = ws + P.C, *G = ws + P.G;
-        float* dC = ws + P.dC;
-        float* S = ws + P.diag;                  // S, then dS
-        float* dW = ws + P.diag + P.diag_floats;  // dW, then W
-        for (const StateSegment& g : segments(D, P.diag_blocks)) {
-            const int nb = g.rows_per;
-            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
-            gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
-                            nn, g.count);  // S = X_q X_kᵀ
-            gemm_rm_batched(false, true, nb, nb, e, G + g.row0 * e, e, cs, C + g.row0 * e, e, cs, 0.f, dW, nb, nn,
-                            g.count);  // dW = G Cᵀ
-            ps_diag_grads<<<grid_of(g.count * nn, 256), 256>>>(S, dW, nb, p, g.count * nn);
+        const int tiles = ceil_div(std::min(D.block, D.T), kTile), nf_tiles = ceil_div(nf, kTile);
+        by_tf32([&](auto mode) {
+            constexpr Tf32 m = decltype(mode)::value;
+            ps_diag_bwd_q<m><<<state_grid(D, tiles * nf_tiles), kThreads>>>(dXq, Xq, Xk, C, G, D, nf, p);
             CUDA_LAUNCH_CHECK();
-            gemm_rm_batched(false, false, nb, nf, nb, S, nb, nn, Xk + g.row0 * nf, nf, xs, 0.f, dXq + g.row0 * nf, nf,
-                            xs, g.count);  // dX_q = dS X_k
-            gemm_rm_batched(true, false, nb, nf, nb, S, nb, nn, Xq + g.row0 * nf, nf, xs, 0.f, dXk + g.row0 * nf, nf,
-                            xs, g.count);  // dX_k = dSᵀ X_q
-            gemm_rm_batched(true, false, nb, e, nb, dW, nb, nn, G + g.row0 * e, e, cs, 0.f, dC + g.row0 * e, e, cs,
-                            g.count);  // dC = Wᵀ G
-        }
+            ps_diag_bwd_k<m><<<state_grid(D, tiles * (nf_tiles + ceil_div(D.e, kTile))), kThreads>>>(
+                dXk, ws + P.dC, Xq, Xk, C, G, D, nf, p);
+        });
+        CUDA_LAUNCH_CHECK();
         const int64_t other = exact ? 2 * D.rows * D.r : 2 * D.rows * D.d;
         CUDA_CHECK(cudaMemsetAsync(ws + (exact ? P.dM : P.dxh), 0, other * sizeof(float), 0));
     }
