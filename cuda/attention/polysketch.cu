@@ -14,23 +14,22 @@
 // A⊗A⊗g (built like H, scanned backwards) give dC and dB; then through M (into the sketch
 // parameters and q̂, k̂) and the LayerNorms into q, k.
 //
-// Implementation (deterministic: no float atomics, every sum in a fixed order): tensor-core tile
-// GEMMs (block_gemm of tf32_block_gemm.cuh: 64×64 output tile per 256-thread block, operands read
-// through loaders that compute them on the fly) for the diagonal blocks, the block states and the
-// learned sketch, cuBLAS strided-batched GEMMs for the state contraction, plus a few elementwise /
-// row kernels:
+// Implementation (deterministic: no float atomics, every sum in a fixed order): every product is
+// a tensor-core tile GEMM (block_gemm of tf32_block_gemm.cuh: 64×64 output tile per 256-thread
+// block, operands read through loaders that compute them on the fly, epilogues in the kernel),
+// plus a few elementwise / row kernels:
 //   - every intermediate is fp32 in the workspace (q̂, k̂, rstd, A|B, C, G, block states, their
-//     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1)) floats plus fixed-size run buffers,
-//     linear in T;
+//     gradients, the learned sketch's block outputs): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1))
+//     floats plus fixed-size chunk buffers, linear in T;
 //   - the diagonal blocks flash-style, 64 × 64 tiles: S = X_q X_kᵀ, W = tril(S^p) in shared memory,
 //     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k (query side), dX_k = dSᵀ X_q and
 //     dC = Wᵀ G (key side), nothing of size b² stored;
 //   - the block states use the packed symmetric features φ(x) (r(r+1)/2 per row, sqrt(2) off the
 //     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x), never stored: the loaders of
 //     ps_build_states (H_l = Φ_lᵀ Y_l) and ps_apply_states (out_l (+)= Φ_l S_l) compute them from
-//     the r values of a row and a table of the (a, c) pairs; the contraction V_l = Y_l S_lᵀ (cuBLAS,
-//     runs of blocks) then dX_t = ∂(φ(X_t)·V_t)/∂X_t; the prefix/suffix over blocks is a sequential
-//     loop per element;
+//     the r values of a row and a table of the (a, c) pairs; ps_contract_states computes
+//     dX_t = ∂(φ(X_t)·V_t)/∂X_t, V_t = S_l Y_t, in the full r² form tile by tile (V never stored);
+//     the prefix/suffix over blocks is a sequential loop per element;
 //   - the learned sketch runs on chunks of rows, one kernel per sketch block g: forward
 //     GELU(LN(in) W_inᵀ) W_outᵀ with the LayerNorm in the loader and GELU in the epilogue into a
 //     shared-memory hidden tile (only the blocks' outputs and tanh are stored, for every row: the
@@ -38,15 +37,14 @@
 //     slice of kGradSliceRows rows) recomputing pre, then act and dh in shared memory feed the
 //     weight-gradient partials (Σ over the slice) and dn partials per hidden tile; the partials are
 //     summed in order (slices into dparams +=, hidden tiles in the LayerNorm backward).
-//   (This replaced cuBLAS GEMMs through (b, b) buffers for the diagonal blocks, Φ materialised per
-//   run of blocks for cuBLAS state GEMMs and a sketch of cuBLAS GEMMs plus LayerNorm / GELU passes
-//   storing every activation, 130 ms f+b at B=2 H=12 T=32768 d=64 bf16 on an H100: (to be
-//   measured).)
-// Math: bf16 storage runs every product on the tensor cores in TF32 (block_gemm Tf32::Single,
-// cuBLAS TF32 math: 10 mantissa bits, finer than the bf16 inputs); fp32 storage (the checking
-// path) keeps fp32 accuracy (Tf32::Split, i.e. 3xTF32, and cuBLAS SGEMM). cuBLAS (one handle per
-// Attention object, default stream, no split-K reductions across calls) is bitwise reproducible
-// run to run on one GPU model, so forward and backward are bitwise deterministic.
+//   (This replaced cuBLAS GEMMs through (b, b) buffers for the diagonal blocks, Φ and V
+//   materialised per run of blocks for cuBLAS state GEMMs, and a sketch of cuBLAS GEMMs plus
+//   LayerNorm / GELU passes storing every activation: 130 ms f+b at B=2 H=12 T=32768 d=64 bf16 on
+//   an H100, now (to be measured).)
+// Math: bf16 storage runs the products in one TF32 product (block_gemm Tf32::Single: 10 mantissa
+// bits, finer than the bf16 inputs; the cancelling dW = G Cᵀ of the diagonal blocks in SplitA);
+// fp32 storage (the checking path) keeps fp32 accuracy (Tf32::Split, 3xTF32). Every sum runs in
+// a fixed order, so forward and backward are bitwise deterministic.
 // Storage dtypes float or bf16 (q, k, v, o, params in act dtype); dparams fp32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -72,7 +70,6 @@ constexpr float kLnEps = 1e-5f;
 constexpr int kWarps = 8;            // warps per block of the row-per-warp kernels
 constexpr int64_t kSketchChunkFloats = int64_t(1) << 27;  // chunk buffers of the learned sketch (512 MB)
 constexpr int kGradSliceRows = 512;  // rows per partial of the sketch-parameter gradient
-constexpr int64_t kContractFloats = int64_t(1) << 25;  // V buffer of the state contraction (128 MB; at least one block)
 constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane, LayerNorm backward)
 constexpr float kSqrt2 = 1.4142135623730951f;
 
@@ -551,10 +548,9 @@ __global__ void ps_sketch_random_bwd(float* dxh, const float* dM, const float* x
 // matrix, with φ(x) the packed symmetric features of x⊗x: X⊗X is symmetric in its two indices, so
 // one feature per pair a ≤ c, scaled by sqrt(2) off the diagonal, gives ⟨φ(x), φ(y)⟩ = ⟨x, y⟩²
 // with half the features (a reordering of the same sum; beat the r² features of x⊗x by (to be
-// measured)). Every state operation is a GEMM per block: build H_l = Φ_lᵀ Y_l and apply
-// out_l (+)= Φ_l S_l as block_gemm kernels over every block of every head (Φ computed in the
-// loaders, never stored); contract V_l = Y_l S_lᵀ as cuBLAS strided-batched GEMMs over runs of
-// equally sized blocks (host side, StateSegment) then dX_t = ∂(φ(X_t)·V_t)/∂X_t by a kernel.
+// measured)). Every state operation is a block_gemm kernel over every block of every head: build
+// H_l = Φ_lᵀ Y_l, apply out_l (+)= Φ_l S_l (Φ computed in the loaders, never stored) and the
+// contraction dX_t += ∂(φ(X_t)·(S_l Y_t))/∂X_t.
 
 // Index of the pair a ≤ c in the packed features (row-major upper triangle of r × r).
 __device__ __forceinline__ int pair_index(int a, int c, int r) { return a * r - a * (a - 1) / 2 + (c - a); }
@@ -571,6 +567,17 @@ __global__ void ps_pair_table(int* pairs, int r) {
 __device__ __forceinline__ float feature(const float* x, int pr) {
     const int a = pr & 0xffff, c = pr >> 16;
     return (a == c ? 1.f : kSqrt2) * x[a] * x[c];
+}
+
+// Tile `tile` of 64 rows of block blk (= bh·L + l): its first global row and its number of rows n
+// (≤ 0: the block has no such tile).
+struct RowTile {
+    int64_t row0;
+    int n;
+};
+__device__ __forceinline__ RowTile row_tile(const Dims& D, int64_t blk, int tile) {
+    const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
+    return RowTile{(blk / D.L) * D.T + t0 + tile * kTile, min(kTile, nb - tile * kTile)};
 }
 
 // states (B·H, L, r(r+1)/2, e): block l of head bh <- Σ_{t∈l} φ(X_t) Y_tᵀ, X (rows, r), Y (rows, e):
@@ -633,20 +640,52 @@ __global__ void __launch_bounds__(kThreads)
     });
 }
 
-// dX_t[a] += ∂(φ(X_t)·V_t)/∂X_ta = 2 X_ta V_t[aa] + sqrt(2) Σ_{c≠a} X_tc V_t[ac] for n rows
-// (X, dX (n, r), V (n, r(r+1)/2)); with the states built from φ this is 2 Σ_c X_tc (S[a,c,:]·Y_t)
-// of the full r² form. One thread per (t, a).
-__global__ void ps_contract_finish(float* dX, const float* X, const float* V, int r, int64_t n) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * r) return;
-    const int64_t t = idx / r;
-    const int a = (int)(idx % r);
-    const float* x = X + t * r;
-    const float* v = V + t * ((int64_t)r * (r + 1) / 2);
-    float off = 0.f;
-    for (int c = 0; c < r; ++c)
-        if (c != a) off += x[c] * v[c < a ? pair_index(c, a, r) : pair_index(a, c, r)];
-    dX[idx] += 2.f * x[a] * v[pair_index(a, a, r)] + kSqrt2 * off;
+// dX_t[a] += ∂(φ(X_t)·V_t)/∂X_ta with V_t = S_l(t) Y_t: = 2 X_ta V_t[aa] + sqrt(2) Σ_{c≠a} X_tc V_t[ac],
+// X, dX (rows, r), Y (rows, e). Computed in the full r² form, column J = a·r + c of
+// Ṽ_t = Y_t·S̃ᵀ with S̃[J] = κ_ac S[pair(a, c)] (κ = 2 for a = c, sqrt(2) else) read from the
+// packed state by the loader: per 64-row tile of a block and 64 columns J at a time, block_gemm
+// (K = e), the products X_tc Ṽ_t[J] into shared memory, and one thread per (row, a) adds the sum
+// over its c in the tile (in order) to dX; the tiles in order. Grid (B·H·L, row tiles of a
+// block). Replaced V = Y Sᵀ stored (rows, r(r+1)/2) by cuBLAS plus a finishing kernel: (to be
+// measured).
+template <Tf32 kTf32>
+__global__ void __launch_bounds__(kThreads)
+    ps_contract_states(float* dX, const float* __restrict__ X, const float* __restrict__ Y,
+                       const float* __restrict__ states, Dims D) {
+    __shared__ GemmSmem sm;
+    __shared__ float pv[kTile][kTile + 1];  // X_tc Ṽ_t[J0 + j] of the current column tile
+    const RowTile q = row_tile(D, blockIdx.x, blockIdx.y);
+    if (q.n <= 0) return;  // the whole block: before any barrier
+    const int r = D.r, e = D.e, rr = r * r;
+    const float* s = states + (int64_t)blockIdx.x * D.rp * e;
+    for (int J0 = 0; J0 < rr; J0 += kTile) {
+        TcAcc acc;
+        zero(acc);
+        block_gemm<kTf32, true, true>(
+            acc, sm, 0, e, [&](int i, int k) { return i < q.n ? Y[(q.row0 + i) * e + k] : 0.f; },
+            [&](int k, int j) {
+                const int J = J0 + j;
+                if (J >= rr) return 0.f;
+                const int a = J / r, c = J % r;
+                return (a == c ? 2.f : kSqrt2) * s[(int64_t)pair_index(min(a, c), max(a, c), r) * e + k];
+            });
+        for_tile(acc, [&](int i, int j, float v) {
+            const int J = J0 + j;
+            pv[i][j] = i < q.n && J < rr ? X[(q.row0 + i) * r + J % r] * v : 0.f;
+        });
+        __syncthreads();
+        const int j_end = min(kTile, rr - J0);  // columns of this tile
+        const int a_lo = J0 / r, segs = (J0 + j_end - 1) / r - a_lo + 1;
+        for (int idx = threadIdx.x; idx < kTile * segs; idx += kThreads) {
+            const int i = idx % kTile, a = a_lo + idx / kTile;
+            if (i >= q.n) continue;
+            const int jb = max(a * r - J0, 0), je = min(a * r + r - J0, j_end);
+            float sum = 0.f;
+            for (int j = jb; j < je; ++j) sum += pv[i][j];
+            dX[(q.row0 + i) * r + a] += sum;
+        }
+        __syncthreads();  // pv is rewritten, and the next tile adds to the same dX entries
+    }
 }
 
 // In place: exclusive prefix (reverse = false: Σ of earlier blocks) or suffix (reverse = true:
@@ -688,19 +727,10 @@ __global__ void ps_state_scan(float* states, Dims D, bool reverse) {
 // (B·H·L, tiles within one block). Replaced per-block cuBLAS GEMMs through (nb, nb) buffers plus
 // power/mask kernels: (to be measured).
 
-// Where a 64-row tile of block blk lies: first global row, rows, and whether it exists.
-struct DiagTile {
-    int64_t row0;
-    int n;
-};
-__device__ __forceinline__ DiagTile diag_tile(const Dims& D, int64_t blk, int tile) {
-    const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
-    return DiagTile{(blk / D.L) * D.T + t0 + tile * kTile, min(kTile, nb - tile * kTile)};
-}
 // acc = X_q[query tile] X_k[key tile]ᵀ (i query, j key; 0 outside the tiles)
 template <Tf32 kTf32>
 __device__ __forceinline__ void diag_scores(TcAcc& acc, GemmSmem& sm, const float* Xq, const float* Xk, int nf,
-                                            const DiagTile& q, const DiagTile& k) {
+                                            const RowTile& q, const RowTile& k) {
     zero(acc);
     block_gemm<kTf32, true, true>(
         acc, sm, 0, nf, [&](int i, int c) { return i < q.n ? Xq[(q.row0 + i) * nf + c] : 0.f; },
@@ -710,7 +740,7 @@ __device__ __forceinline__ void diag_scores(TcAcc& acc, GemmSmem& sm, const floa
 // path (C = [v | 1] is exact in TF32), fp32 accuracy.
 template <Tf32 kTf32>
 __device__ __forceinline__ void diag_dw(TcAcc& acc, GemmSmem& sm, const float* G, const float* C, int e,
-                                        const DiagTile& q, const DiagTile& k) {
+                                        const RowTile& q, const RowTile& k) {
     constexpr Tf32 kMode = kTf32 == Tf32::Single ? Tf32::SplitA : kTf32;
     zero(acc);
     block_gemm<kMode, true, true>(
@@ -728,12 +758,12 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ float w[kTile][kTile + 1];  // W[query i][key j] of the current key tile
     const int col_tiles = (D.e + kTile - 1) / kTile;
     const int qt = blockIdx.y / col_tiles, j0 = (blockIdx.y % col_tiles) * kTile;
-    const DiagTile q = diag_tile(D, blockIdx.x, qt);
+    const RowTile q = row_tile(D, blockIdx.x, qt);
     if (q.n <= 0) return;  // the whole block: before any barrier
     TcAcc acc;
     zero(acc);
     for (int kt = 0; kt <= qt; kt++) {
-        const DiagTile k = diag_tile(D, blockIdx.x, kt);
+        const RowTile k = row_tile(D, blockIdx.x, kt);
         TcAcc s;
         diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
         for_tile(s, [&](int i, int j, float v) { w[i][j] = kt * kTile + j <= qt * kTile + i ? ipow(v, p) : 0.f; });
@@ -761,12 +791,12 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ float ds[kTile][kTile + 1];  // dS[query i][key j] of the current key tile
     const int col_tiles = (nf + kTile - 1) / kTile;
     const int qt = blockIdx.y / col_tiles, c0 = (blockIdx.y % col_tiles) * kTile;
-    const DiagTile q = diag_tile(D, blockIdx.x, qt);
+    const RowTile q = row_tile(D, blockIdx.x, qt);
     if (q.n <= 0) return;
     TcAcc acc;
     zero(acc);
     for (int kt = 0; kt <= qt; kt++) {
-        const DiagTile k = diag_tile(D, blockIdx.x, kt);
+        const RowTile k = row_tile(D, blockIdx.x, kt);
         TcAcc s, dw;
         diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
         diag_dw<kTf32>(dw, sm, G, C, D.e, q, k);
@@ -795,13 +825,13 @@ __global__ void __launch_bounds__(kThreads)
     const int kt = blockIdx.y / tiles, which = blockIdx.y % tiles;
     const bool is_dc = which >= nf_tiles;  // this block's output: dC, else dX_k
     const int c0 = (is_dc ? which - nf_tiles : which) * kTile, width = is_dc ? D.e : nf;
-    const DiagTile k = diag_tile(D, blockIdx.x, kt);
+    const RowTile k = row_tile(D, blockIdx.x, kt);
     if (k.n <= 0) return;
     const float* Y = is_dc ? G : Xq;  // the right operand, (rows, width)
     TcAcc acc;
     zero(acc);
     for (int qt = kt;; qt++) {
-        const DiagTile q = diag_tile(D, blockIdx.x, qt);
+        const RowTile q = row_tile(D, blockIdx.x, qt);
         if (q.n <= 0) break;
         TcAcc s;
         diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
@@ -877,8 +907,7 @@ int grid_of(int64_t n, int threads) { return ceil_div(n, threads); }
 
 // Offsets (floats) of everything in the workspace.
 struct WorkspacePlan {
-    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, cv, p32, sk, total;
-    int64_t cv_blocks;  // blocks per run of the contraction GEMMs (cv holds cv_blocks·block rows of r(r+1)/2)
+    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, p32, sk, total;
     int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
     int64_t skk;      // the learned sketch's kept outputs (5, 2·rows, r): blocks (f, g) = (0,0) (0,1) (1,0) (1,1), tz
     WorkspacePlan(const AttnShape& s, int r, int block, size_t num_params) {
@@ -896,8 +925,6 @@ struct WorkspacePlan {
         dM = take(2 * rows * r);
         dC = take(rows * e);
         pairs = take(rp);  // ints
-        cv_blocks = std::max<int64_t>(1, std::min<int64_t>(kContractFloats / ((int64_t)block * rp), s.B * s.H * L));
-        cv = take(L > 1 ? cv_blocks * block * rp : 0);
         p32 = take((int64_t)num_params);
         // rows per chunk: as many as fit kSketchChunkFloats (at least 256), at most all 2·rows
         const int64_t per_row = SketchChunk((int)d, r, 64).total / 64;
@@ -919,7 +946,6 @@ public:
     }
     ~CudaPolySketchAttention() override {
         for (auto& kv : random_sketch_) cudaFree(kv.second);  // no throw from a destructor
-        if (blas_) cublasDestroy(blas_);
     }
     std::string name() const override { return "polysketch"; }
     size_t num_params(int d) const override {
@@ -996,12 +1022,12 @@ public:
         if (D.L > 1) {
             // prefix Z from (B, C): dA += 2 Σ_c A_c (Z[a,c,:]·g)  (Z of block 0 is exactly 0)
             build_states(D, P, ws, states, Bk, C, false);
-            contract_states(D, P, ws, dA, A, G, states);
+            contract_states(D, dA, A, G, states);
             // suffix R from (A, G): dC += Σ_ac B_a B_c R[a,c,:], dB += 2 Σ_c B_c (R[a,c,:]·C)  (R of the
             // last block is exactly 0)
             build_states(D, P, ws, states, A, G, true);
             apply_states(D, P, ws, dC, Bk, states, 1.f);
-            contract_states(D, P, ws, dB, Bk, C, states);
+            contract_states(D, dB, Bk, C, states);
         }
         // through the sketch into dxh (and the parameters)
         const int64_t n2 = 2 * D.rows;
@@ -1058,20 +1084,9 @@ private:
         return D;
     }
 
-    // The handle of the sketch GEMMs, on the default stream as every launch here; created on first use.
-    cublasHandle_t blas() {
-        if (!blas_) {
-            CUBLAS_CHECK(cublasCreate(&blas_));
-            CUBLAS_CHECK(cublasSetStream(blas_, 0));
-        }
-        return blas_;
-    }
-    // bf16 storage: the GEMMs on the tensor cores in TF32 (10 mantissa bits, finer than the bf16
-    // inputs; deterministic like SGEMM). fp32 storage (the checking path): full fp32, no TF32.
-    void set_math(DType dt) {
-        split_ = dt != DType::BF16;
-        CUBLAS_CHECK(cublasSetMathMode(blas(), dt == DType::BF16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-    }
+    // bf16 storage: the products on the tensor cores in one TF32 product (10 mantissa bits, finer
+    // than the bf16 inputs). fp32 storage (the checking path): 3xTF32, fp32 accuracy.
+    void set_math(DType dt) { split_ = dt != DType::BF16; }
 
     // fn(std::integral_constant<Tf32, mode>) with the block_gemm mode of this call (split_)
     template <typename Fn>
@@ -1222,39 +1237,6 @@ private:
         CUDA_LAUNCH_CHECK();
     }
 
-    // A run of `count` consecutive blocks of `rows_per` rows each (uniform strides): first global row
-    // `row0`, first global block (state index bh·L + l) `blk0`.
-    struct StateSegment {
-        int64_t row0, blk0;
-        int count, rows_per;
-    };
-    // Every block of every head in runs of at most maxb equal blocks: when block | T all blocks are
-    // equal and contiguous across heads; else per head its full blocks, then the ragged one.
-    static std::vector<StateSegment> segments(const Dims& D, int64_t maxb) {
-        std::vector<StateSegment> segs;
-        if (D.T % D.block == 0) {
-            const int64_t total = D.bh_count * D.L;
-            for (int64_t g = 0; g < total; g += maxb)
-                segs.push_back({g * D.block, g, (int)std::min<int64_t>(maxb, total - g), D.block});
-            return segs;
-        }
-        const int full = D.T / D.block;
-        for (int64_t bh = 0; bh < D.bh_count; ++bh) {
-            for (int64_t l = 0; l < full; l += maxb)
-                segs.push_back({bh * D.T + l * D.block, bh * D.L + l, (int)std::min<int64_t>(maxb, full - l), D.block});
-            segs.push_back({bh * D.T + (int64_t)full * D.block, bh * D.L + full, 1, D.T - full * D.block});
-        }
-        return segs;
-    }
-    // Row-major strided-batched C_i (M, N) = op(A_i) op(B_i) + beta C_i in fp32.
-    void gemm_rm_batched(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, int64_t stride_a,
-                         const float* B, int ldb, int64_t stride_b, float beta, float* C, int ldc, int64_t stride_c,
-                         int batch) {
-        const float one = 1.f;
-        CUBLAS_CHECK(cublasSgemmStridedBatched(blas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &one, B, ldb, stride_b, A,
-                                               lda, stride_a, &beta, C, ldc, stride_c, batch));
-    }
     // Grid of the state kernels: x = every block of every head, y = tiles within one block.
     static dim3 state_grid(const Dims& D, int tiles) { return dim3((unsigned)(D.bh_count * D.L), (unsigned)tiles); }
     // states <- per-block Σ_t φ(X_t) Y_tᵀ (r(r+1)/2, e), then the exclusive prefix (reverse: suffix) over blocks
@@ -1278,19 +1260,13 @@ private:
         else ps_apply_states<Tf32::Single><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
         CUDA_LAUNCH_CHECK();
     }
-    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the cv buffer), then the finish
-    void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, const float* X, const float* Y,
-                         const float* states) {
-        const int rp = D.rp, e = D.e;
-        float* V = ws + P.cv;
-        for (const StateSegment& g : segments(D, P.cv_blocks)) {
-            gemm_rm_batched(false, true, g.rows_per, rp, e, Y + g.row0 * e, e, (int64_t)g.rows_per * e,
-                            states + g.blk0 * rp * e, e, (int64_t)rp * e, 0.f, V, rp, (int64_t)g.rows_per * rp,
-                            g.count);
-            const int64_t n = (int64_t)g.count * g.rows_per;
-            ps_contract_finish<<<grid_of(n * D.r, 256), 256>>>(dX + g.row0 * D.r, X + g.row0 * D.r, V, D.r, n);
-            CUDA_LAUNCH_CHECK();
-        }
+    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V_t = S_l(t) Y_t
+    void contract_states(const Dims& D, float* dX, const float* X, const float* Y, const float* states) {
+        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile));
+        by_tf32([&](auto mode) {
+            ps_contract_states<decltype(mode)::value><<<grid, kThreads>>>(dX, X, Y, states, D);
+        });
+        CUDA_LAUNCH_CHECK();
     }
 
     // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j
@@ -1345,7 +1321,6 @@ private:
     AttnConfig cfg_;
     std::map<int, float*> random_sketch_;  // layer -> S (2, d, r) on the device
     int random_sketch_d_ = -1;
-    cublasHandle_t blas_ = nullptr;  // the learned sketch's GEMMs
     bool split_ = true;  // block_gemm products: Tf32::Split (fp32 storage) or Tf32::Single (bf16), set by set_math
 };
 
