@@ -580,16 +580,22 @@ __device__ __forceinline__ RowTile row_tile(const Dims& D, int64_t blk, int tile
     return RowTile{(blk / D.L) * D.T + t0 + tile * kTile, min(kTile, nb - tile * kTile)};
 }
 
+// The (d+1)-wide outputs (rows of C = [V | 1], G, states) run as block_gemm column tiles over the
+// first d columns; the last column (index d) is computed on the CUDA cores by the blocks of column
+// tile 0 (a 64-wide tile for one column would double the products), with fixed-order sums.
+constexpr int kParts = kThreads / kTile;  // threads per output row of those last-column sums
+
 // states (B·H, L, r(r+1)/2, e): block l of head bh <- Σ_{t∈l} φ(X_t) Y_tᵀ, X (rows, r), Y (rows, e):
 // block_gemm with A(i, k) = φ_i(X of the block's row k) computed by the loader (Φ is never stored),
-// B = Y. Grid (B·H·L, feature tiles × column tiles). Replaced Φ materialised by a kernel plus
+// B = Y. Grid (B·H·L, feature tiles × column tiles of d). Replaced Φ materialised by a kernel plus
 // cuBLAS GEMMs: (to be measured).
 template <Tf32 kTf32>
 __global__ void __launch_bounds__(kThreads)
     ps_build_states(float* states, const float* __restrict__ X, const float* __restrict__ Y,
                     const int* __restrict__ pairs, Dims D) {
     __shared__ GemmSmem sm;
-    const int col_tiles = (D.e + kTile - 1) / kTile;
+    __shared__ float red[kParts][kTile];  // partial sums of the last column
+    const int col_tiles = (D.d + kTile - 1) / kTile;
     const int f0 = (blockIdx.y / col_tiles) * kTile, j0 = (blockIdx.y % col_tiles) * kTile;
     const int64_t blk = blockIdx.x, bh = blk / D.L;
     const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
@@ -601,22 +607,39 @@ __global__ void __launch_bounds__(kThreads)
     block_gemm<kTf32, false, false>(
         acc, sm, 0, nb,
         [&](int i, int k) { return f0 + i < D.rp ? feature(x + (int64_t)k * D.r, pairs[f0 + i]) : 0.f; },
-        [&](int k, int j) { return j0 + j < D.e ? y[(int64_t)k * D.e + j0 + j] : 0.f; });
+        [&](int k, int j) { return j0 + j < D.d ? y[(int64_t)k * D.e + j0 + j] : 0.f; });
     float* out = states + blk * D.rp * D.e;
     for_tile(acc, [&](int i, int j, float v) {
-        if (f0 + i < D.rp && j0 + j < D.e) out[(int64_t)(f0 + i) * D.e + j0 + j] = v;
+        if (f0 + i < D.rp && j0 + j < D.d) out[(int64_t)(f0 + i) * D.e + j0 + j] = v;
     });
+    if (j0 == 0) {  // the last column: thread (i, part) sums the rows part, part + kParts, ... in order
+        const int i = threadIdx.x % kTile, part = threadIdx.x / kTile;
+        float sum = 0.f;
+        if (f0 + i < D.rp) {
+            const int pr = pairs[f0 + i];
+            for (int k = part; k < nb; k += kParts) sum += feature(x + (int64_t)k * D.r, pr) * y[(int64_t)k * D.e + D.d];
+        }
+        red[part][i] = sum;
+        __syncthreads();
+        if (threadIdx.x < kTile && f0 + threadIdx.x < D.rp) {
+            float v = 0.f;
+            for (int u = 0; u < kParts; u++) v += red[u][threadIdx.x];
+            out[(int64_t)(f0 + threadIdx.x) * D.e + D.d] = v;
+        }
+    }
 }
 
 // out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form; out is
 // not read when beta = 0): block_gemm over the r(r+1)/2 features with A(i, k) = φ_k(X_i) computed by
-// the loader. Grid (B·H·L, row tiles of a block × column tiles).
+// the loader; the last column as in ps_build_states. Grid (B·H·L, row tiles of a block × column
+// tiles of d).
 template <Tf32 kTf32>
 __global__ void __launch_bounds__(kThreads)
     ps_apply_states(float* out, const float* __restrict__ X, const float* __restrict__ states,
                     const int* __restrict__ pairs, Dims D, float beta) {
     __shared__ GemmSmem sm;
-    const int col_tiles = (D.e + kTile - 1) / kTile;
+    __shared__ float red[kParts][kTile];  // partial sums of the last column
+    const int col_tiles = (D.d + kTile - 1) / kTile;
     const int rt = blockIdx.y / col_tiles, j0 = (blockIdx.y % col_tiles) * kTile;
     const int64_t blk = blockIdx.x, bh = blk / D.L;
     const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
@@ -630,14 +653,28 @@ __global__ void __launch_bounds__(kThreads)
     block_gemm<kTf32, true, false>(
         acc, sm, 0, D.rp,
         [&](int i, int k) { return i < nr ? feature(x + (int64_t)i * D.r, pairs[k]) : 0.f; },
-        [&](int k, int j) { return j0 + j < D.e ? s[(int64_t)k * D.e + j0 + j] : 0.f; });
+        [&](int k, int j) { return j0 + j < D.d ? s[(int64_t)k * D.e + j0 + j] : 0.f; });
     float* o = out + row0 * D.e;
     for_tile(acc, [&](int i, int j, float v) {
-        if (i < nr && j0 + j < D.e) {
+        if (i < nr && j0 + j < D.d) {
             float& dst = o[(int64_t)i * D.e + j0 + j];
             dst = beta == 0.f ? v : beta * dst + v;
         }
     });
+    if (j0 == 0) {  // the last column: thread (i, part) sums the features part, part + kParts, ... in order
+        const int i = threadIdx.x % kTile, part = threadIdx.x / kTile;
+        float sum = 0.f;
+        if (i < nr)
+            for (int k = part; k < D.rp; k += kParts) sum += feature(x + (int64_t)i * D.r, pairs[k]) * s[(int64_t)k * D.e + D.d];
+        red[part][i] = sum;
+        __syncthreads();
+        if (threadIdx.x < nr) {
+            float v = 0.f;
+            for (int u = 0; u < kParts; u++) v += red[u][threadIdx.x];
+            float& dst = o[(int64_t)threadIdx.x * D.e + D.d];
+            dst = beta == 0.f ? v : beta * dst + v;
+        }
+    }
 }
 
 // dX_t[a] += ∂(φ(X_t)·V_t)/∂X_ta with V_t = S_l(t) Y_t: = 2 X_ta V_t[aa] + sqrt(2) Σ_{c≠a} X_tc V_t[ac],
@@ -748,18 +785,21 @@ __device__ __forceinline__ void diag_dw(TcAcc& acc, GemmSmem& sm, const float* G
         [&](int c, int j) { return j < k.n ? C[(k.row0 + j) * e + c] : 0.f; });
 }
 
-// out (rows, e) = beta·out + Σ_{j ≤ i in the block} w_ij C_j (out not read when beta = 0).
-// Grid (B·H·L, query tiles × column tiles of e).
+// out (rows, e) = beta·out + Σ_{j ≤ i in the block} w_ij C_j (out not read when beta = 0); the last
+// column by the threads i < 64 of column tile 0 (keys in order). Grid (B·H·L, query tiles × column
+// tiles of d).
 template <Tf32 kTf32>
 __global__ void __launch_bounds__(kThreads)
     ps_diag_fwd(float* out, const float* __restrict__ Xq, const float* __restrict__ Xk, const float* __restrict__ C,
                 Dims D, int nf, int p, float beta) {
     __shared__ GemmSmem sm;
     __shared__ float w[kTile][kTile + 1];  // W[query i][key j] of the current key tile
-    const int col_tiles = (D.e + kTile - 1) / kTile;
+    const int col_tiles = (D.d + kTile - 1) / kTile;
     const int qt = blockIdx.y / col_tiles, j0 = (blockIdx.y % col_tiles) * kTile;
     const RowTile q = row_tile(D, blockIdx.x, qt);
     if (q.n <= 0) return;  // the whole block: before any barrier
+    const bool last = j0 == 0 && threadIdx.x < kTile;  // this thread sums the last column of row threadIdx.x
+    float last_sum = 0.f;
     TcAcc acc;
     zero(acc);
     for (int kt = 0; kt <= qt; kt++) {
@@ -768,17 +808,23 @@ __global__ void __launch_bounds__(kThreads)
         diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
         for_tile(s, [&](int i, int j, float v) { w[i][j] = kt * kTile + j <= qt * kTile + i ? ipow(v, p) : 0.f; });
         __syncthreads();
+        if (last)
+            for (int j = 0; j < k.n; j++) last_sum += w[threadIdx.x][j] * C[(k.row0 + j) * D.e + D.d];
         block_gemm<kTf32, true, false>(
             acc, sm, 0, k.n, [&](int i, int c) { return w[i][c]; },
-            [&](int c, int j) { return j0 + j < D.e ? C[(k.row0 + c) * D.e + j0 + j] : 0.f; });
+            [&](int c, int j) { return j0 + j < D.d ? C[(k.row0 + c) * D.e + j0 + j] : 0.f; });
     }
     float* o = out + q.row0 * D.e;
     for_tile(acc, [&](int i, int j, float v) {
-        if (i < q.n && j0 + j < D.e) {
+        if (i < q.n && j0 + j < D.d) {
             float& dst = o[(int64_t)i * D.e + j0 + j];
             dst = beta == 0.f ? v : beta * dst + v;
         }
     });
+    if (last && (int)threadIdx.x < q.n) {
+        float& dst = o[(int64_t)threadIdx.x * D.e + D.d];
+        dst = beta == 0.f ? last_sum : beta * dst + last_sum;
+    }
 }
 
 // dX_q (rows, nf) = dS X_k over the keys of the block (overwritten). Grid (B·H·L, query tiles ×
@@ -814,20 +860,24 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Key side, overwritten: dX_k (rows, nf) = dSᵀ X_q and dC (rows, e) = Wᵀ G over the queries of the
-// block. Grid (B·H·L, key tiles × (column tiles of nf, then of e)).
+// block (the last column of dC by the threads j < 64 of dC's column tile 0, queries in order).
+// Grid (B·H·L, key tiles × (column tiles of nf, then of d)).
 template <Tf32 kTf32>
 __global__ void __launch_bounds__(kThreads)
     ps_diag_bwd_k(float* dXk, float* dC, const float* __restrict__ Xq, const float* __restrict__ Xk,
                   const float* __restrict__ C, const float* __restrict__ G, Dims D, int nf, int p) {
     __shared__ GemmSmem sm;
     __shared__ float t[kTile][kTile + 1];  // dS or W [query i][key j] of the current query tile
-    const int nf_tiles = (nf + kTile - 1) / kTile, tiles = nf_tiles + (D.e + kTile - 1) / kTile;
+    const int nf_tiles = (nf + kTile - 1) / kTile, tiles = nf_tiles + (D.d + kTile - 1) / kTile;
     const int kt = blockIdx.y / tiles, which = blockIdx.y % tiles;
     const bool is_dc = which >= nf_tiles;  // this block's output: dC, else dX_k
-    const int c0 = (is_dc ? which - nf_tiles : which) * kTile, width = is_dc ? D.e : nf;
+    const int c0 = (is_dc ? which - nf_tiles : which) * kTile;
+    const int ld = is_dc ? D.e : nf, width = is_dc ? D.d : nf;  // row stride, columns by block_gemm
     const RowTile k = row_tile(D, blockIdx.x, kt);
     if (k.n <= 0) return;
-    const float* Y = is_dc ? G : Xq;  // the right operand, (rows, width)
+    const float* Y = is_dc ? G : Xq;  // the right operand, (rows, ld)
+    const bool last = is_dc && c0 == 0 && threadIdx.x < kTile;  // this thread sums dC[key threadIdx.x, d]
+    float last_sum = 0.f;
     TcAcc acc;
     zero(acc);
     for (int qt = kt;; qt++) {
@@ -845,14 +895,17 @@ __global__ void __launch_bounds__(kThreads)
             });
         }
         __syncthreads();
+        if (last)
+            for (int c = 0; c < q.n; c++) last_sum += t[c][threadIdx.x] * G[(q.row0 + c) * D.e + D.d];
         block_gemm<kTf32, false, false>(
             acc, sm, 0, q.n, [&](int i, int c) { return t[c][i]; },
-            [&](int c, int j) { return c0 + j < width ? Y[(q.row0 + c) * width + c0 + j] : 0.f; });
+            [&](int c, int j) { return c0 + j < width ? Y[(q.row0 + c) * ld + c0 + j] : 0.f; });
     }
     float* dst = is_dc ? dC : dXk;
     for_tile(acc, [&](int i, int j, float v) {
-        if (i < k.n && c0 + j < width) dst[(k.row0 + i) * width + c0 + j] = v;
+        if (i < k.n && c0 + j < width) dst[(k.row0 + i) * ld + c0 + j] = v;
     });
+    if (last && (int)threadIdx.x < k.n) dC[(k.row0 + threadIdx.x) * D.e + D.d] = last_sum;
 }
 
 // o (rows, d) = U[:, :d] / (1 + U[:, d]), den (rows) = 1 + U[:, d]. One thread per element of o.
@@ -1243,7 +1296,7 @@ private:
     void build_states(const Dims& D, const WorkspacePlan& P, float* ws, float* states, const float* X, const float* Y,
                       bool reverse) {
         const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
-        const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.e, kTile));
+        const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.d, kTile));
         if (split_) ps_build_states<Tf32::Split><<<grid, kThreads>>>(states, X, Y, pairs, D);
         else ps_build_states<Tf32::Single><<<grid, kThreads>>>(states, X, Y, pairs, D);
         CUDA_LAUNCH_CHECK();
@@ -1255,7 +1308,7 @@ private:
     void apply_states(const Dims& D, const WorkspacePlan& P, float* ws, float* out, const float* X, const float* states,
                       float beta) {
         const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
-        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile) * ceil_div(D.e, kTile));
+        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile) * ceil_div(D.d, kTile));
         if (split_) ps_apply_states<Tf32::Split><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
         else ps_apply_states<Tf32::Single><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
         CUDA_LAUNCH_CHECK();
@@ -1276,7 +1329,7 @@ private:
         const float* Xq = ws + (exact ? P.xh : P.M);  // (rows, nf) q̂ or A, then the k̂ or B rows
         const float* Xk = Xq + D.rows * nf;
         const int q_tiles = ceil_div(std::min(D.block, D.T), kTile);
-        const dim3 grid = state_grid(D, q_tiles * ceil_div(D.e, kTile));
+        const dim3 grid = state_grid(D, q_tiles * ceil_div(D.d, kTile));
         by_tf32([&](auto mode) {
             ps_diag_fwd<decltype(mode)::value><<<grid, kThreads>>>(out, Xq, Xk, ws + P.C, D, nf, p, beta);
         });
@@ -1297,7 +1350,7 @@ private:
             constexpr Tf32 m = decltype(mode)::value;
             ps_diag_bwd_q<m><<<state_grid(D, tiles * nf_tiles), kThreads>>>(dXq, Xq, Xk, C, G, D, nf, p);
             CUDA_LAUNCH_CHECK();
-            ps_diag_bwd_k<m><<<state_grid(D, tiles * (nf_tiles + ceil_div(D.e, kTile))), kThreads>>>(
+            ps_diag_bwd_k<m><<<state_grid(D, tiles * (nf_tiles + ceil_div(D.d, kTile))), kThreads>>>(
                 dXk, ws + P.dC, Xq, Xk, C, G, D, nf, p);
         });
         CUDA_LAUNCH_CHECK();
