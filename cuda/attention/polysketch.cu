@@ -291,10 +291,12 @@ __global__ void __launch_bounds__(kThreads)
 //   part_wi (slices, hid, n)  [slice, h0.., :] = Σ_{slice rows} dhᵀ LN(in)  (dW_in partial)
 //   dn_part (hid tiles, nc, n) [h0 tile]       = dh W_in[h0.., :]           (dn partial)
 // accumulated over the slice's row tiles in order. kTiles: tiles of r and of n (1 when both ≤ 64).
-// Grid (hidden tiles, slices). Replaced stored activations (pre, act, dh: (nc, 8r) each) read by
-// cuBLAS weight-gradient GEMMs plus GELU' and LayerNorm-forward passes: (to be measured).
+// Grid (hidden tiles, slices); with kTiles = 1 two blocks per SM (128 registers: ptxas spills
+// 24-40 bytes, against 184 registers and one block per SM otherwise). Replaced stored activations
+// (pre, act, dh: (nc, 8r) each) read by cuBLAS weight-gradient GEMMs plus GELU' and
+// LayerNorm-forward passes: (to be measured).
 template <Tf32 kTf32, int kTiles>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTiles == 1 ? 2 : 1)
     ps_sk_block_bwd(float* part_wo, float* part_wi, float* dn_part, const float* __restrict__ in,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
                     const float* __restrict__ dout, const float* __restrict__ ln_w,
@@ -681,7 +683,7 @@ __global__ void __launch_bounds__(kThreads)
 // X, dX (rows, r), Y (rows, e). Computed in the full r² form, column J = a·r + c of
 // Ṽ_t = Y_t·S̃ᵀ with S̃[J] = κ_ac S[pair(a, c)] (κ = 2 for a = c, sqrt(2) else) read from the
 // packed state by the loader: per 64-row tile of a block and 64 columns J at a time, block_gemm
-// (K = e), the products X_tc Ṽ_t[J] into shared memory, and one thread per (row, a) adds the sum
+// (K = d, the last k = d added in the epilogue), the products X_tc Ṽ_t[J] into shared memory, and one thread per (row, a) adds the sum
 // over its c in the tile (in order) to dX; the tiles in order. Grid (B·H·L, row tiles of a
 // block). Replaced V = Y Sᵀ stored (rows, r(r+1)/2) by cuBLAS plus a finishing kernel: (to be
 // measured).
@@ -698,17 +700,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int J0 = 0; J0 < rr; J0 += kTile) {
         TcAcc acc;
         zero(acc);
+        // S̃[J][k] for k < d by block_gemm, the last k = d as a rank-1 term in the epilogue
+        auto s_tilde = [&](int J, int k) {
+            const int a = J / r, c = J % r;
+            return (a == c ? 2.f : kSqrt2) * s[(int64_t)pair_index(min(a, c), max(a, c), r) * e + k];
+        };
         block_gemm<kTf32, true, true>(
-            acc, sm, 0, e, [&](int i, int k) { return i < q.n ? Y[(q.row0 + i) * e + k] : 0.f; },
-            [&](int k, int j) {
-                const int J = J0 + j;
-                if (J >= rr) return 0.f;
-                const int a = J / r, c = J % r;
-                return (a == c ? 2.f : kSqrt2) * s[(int64_t)pair_index(min(a, c), max(a, c), r) * e + k];
-            });
+            acc, sm, 0, D.d, [&](int i, int k) { return i < q.n ? Y[(q.row0 + i) * e + k] : 0.f; },
+            [&](int k, int j) { return J0 + j < rr ? s_tilde(J0 + j, k) : 0.f; });
         for_tile(acc, [&](int i, int j, float v) {
             const int J = J0 + j;
-            pv[i][j] = i < q.n && J < rr ? X[(q.row0 + i) * r + J % r] * v : 0.f;
+            pv[i][j] = i < q.n && J < rr
+                           ? X[(q.row0 + i) * r + J % r] * (v + Y[(q.row0 + i) * e + D.d] * s_tilde(J, D.d))
+                           : 0.f;
         });
         __syncthreads();
         const int j_end = min(kTile, rr - J0);  // columns of this tile
