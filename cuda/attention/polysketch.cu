@@ -14,22 +14,22 @@
 // A⊗A⊗g (built like H, scanned backwards) give dC and dB; then through M (into the sketch
 // parameters and q̂, k̂) and the LayerNorms into q, k.
 //
-// Implementation (deterministic: no float atomics, every sum in a fixed order): every product is
-// a tensor-core tile GEMM (block_gemm of tf32_block_gemm.cuh: 64×64 output tile per 256-thread
-// block, operands read through loaders that compute them on the fly, epilogues in the kernel),
-// plus a few elementwise / row kernels:
+// Implementation (deterministic: no float atomics, every sum in a fixed order): tensor-core tile
+// GEMMs (block_gemm of tf32_block_gemm.cuh: 64×64 output tile per 256-thread block, operands read
+// through loaders that compute them on the fly) for the block states and the learned sketch,
+// cuBLAS strided-batched GEMMs for the diagonal blocks and the state contraction, plus a few
+// elementwise / row kernels:
 //   - every intermediate is fp32 in the workspace (q̂, k̂, rstd, A|B, C, G, block states, their
-//     gradients, the learned sketch's block outputs): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1))
-//     floats plus fixed-size chunk buffers, linear in T;
-//   - the diagonal blocks flash-style, 64 × 64 tiles: S = X_q X_kᵀ, W = tril(S^p) in shared memory,
-//     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k (query side), dX_k = dSᵀ X_q and
-//     dC = Wᵀ G (key side), nothing of size b² stored;
+//     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1)) floats plus fixed-size run buffers,
+//     linear in T;
+//   - the diagonal blocks are dense GEMMs per block: S = X_q X_kᵀ (b, b), W = tril(S^p) by a kernel,
+//     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G;
 //   - the block states use the packed symmetric features φ(x) (r(r+1)/2 per row, sqrt(2) off the
 //     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x), never stored: the loaders of
 //     ps_build_states (H_l = Φ_lᵀ Y_l) and ps_apply_states (out_l (+)= Φ_l S_l) compute them from
-//     the r values of a row and a table of the (a, c) pairs; ps_contract_states computes
-//     dX_t = ∂(φ(X_t)·V_t)/∂X_t, V_t = S_l Y_t, in the full r² form tile by tile (V never stored);
-//     the prefix/suffix over blocks is a sequential loop per element;
+//     the r values of a row and a table of the (a, c) pairs; the contraction V_l = Y_l S_lᵀ (cuBLAS,
+//     runs of blocks) then dX_t = ∂(φ(X_t)·V_t)/∂X_t; the prefix/suffix over blocks is a sequential
+//     loop per element;
 //   - the learned sketch runs on chunks of rows, one kernel per sketch block g: forward
 //     GELU(LN(in) W_inᵀ) W_outᵀ with the LayerNorm in the loader and GELU in the epilogue into a
 //     shared-memory hidden tile (only the blocks' outputs and tanh are stored, for every row: the
@@ -37,14 +37,18 @@
 //     slice of kGradSliceRows rows) recomputing pre, then act and dh in shared memory feed the
 //     weight-gradient partials (Σ over the slice) and dn partials per hidden tile; the partials are
 //     summed in order (slices into dparams +=, hidden tiles in the LayerNorm backward).
-//   (This replaced cuBLAS GEMMs through (b, b) buffers for the diagonal blocks, Φ and V
-//   materialised per run of blocks for cuBLAS state GEMMs, and a sketch of cuBLAS GEMMs plus
-//   LayerNorm / GELU passes storing every activation: 130 ms f+b at B=2 H=12 T=32768 d=64 bf16 on
-//   an H100, now (to be measured).)
-// Math: bf16 storage runs the products in one TF32 product (block_gemm Tf32::Single: 10 mantissa
-// bits, finer than the bf16 inputs; the cancelling dW = G Cᵀ of the diagonal blocks in SplitA);
-// fp32 storage (the checking path) keeps fp32 accuracy (Tf32::Split, 3xTF32). Every sum runs in
-// a fixed order, so forward and backward are bitwise deterministic.
+//   (This replaced Φ materialised per run of blocks for cuBLAS state GEMMs and a sketch of cuBLAS
+//   GEMMs plus LayerNorm / GELU passes storing every activation, 130 ms f+b at B=2 H=12 T=32768
+//   d=64 bf16 on an H100: 129.7 ms after — no net gain; these 64 × 64 block_gemm tiles are
+//   latency-bound (Nsight Compute at B=1 H=4 T=32k: ps_sk_block_bwd 33%, ps_sk_block_fwd 26%,
+//   ps_build_states 14%, ps_apply_states 7% of the time). A later version with flash-style diagonal
+//   blocks and a fused contraction measured 123.9 ms but failed one fp32 T=1 case (dq 1.3e-4 vs
+//   1e-4) and was not kept. Polysketch is 0.42× our softmax at 32k, 1.65× at 131k.)
+// Math: bf16 storage runs every product on the tensor cores in TF32 (block_gemm Tf32::Single,
+// cuBLAS TF32 math: 10 mantissa bits, finer than the bf16 inputs); fp32 storage (the checking
+// path) keeps fp32 accuracy (Tf32::Split, i.e. 3xTF32, and cuBLAS SGEMM). cuBLAS (one handle per
+// Attention object, default stream, no split-K reductions across calls) is bitwise reproducible
+// run to run on one GPU model, so forward and backward are bitwise deterministic.
 // Storage dtypes float or bf16 (q, k, v, o, params in act dtype); dparams fp32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -70,6 +74,8 @@ constexpr float kLnEps = 1e-5f;
 constexpr int kWarps = 8;            // warps per block of the row-per-warp kernels
 constexpr int64_t kSketchChunkFloats = int64_t(1) << 27;  // chunk buffers of the learned sketch (512 MB)
 constexpr int kGradSliceRows = 512;  // rows per partial of the sketch-parameter gradient
+constexpr int64_t kContractFloats = int64_t(1) << 25;  // V buffer of the state contraction (128 MB; at least one block)
+constexpr int64_t kDiagFloats = int64_t(1) << 25;  // each of the two (nb, nb) buffers of the diagonal blocks (128 MB)
 constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane, LayerNorm backward)
 constexpr float kSqrt2 = 1.4142135623730951f;
 
@@ -225,7 +231,8 @@ __device__ __forceinline__ void for_tile2(const TcAcc& a, const TcAcc& b, Fn fn)
 // block; LN(in) is applied in the loader of the first product (K = n), GELU in its epilogue into
 // one 64 × 64 hidden tile in shared memory, which the second product (K = 64 of the hidden units)
 // accumulates into the output tiles, hidden tile after hidden tile (a fixed order). Replaced
-// LayerNorm / GELU kernels around cuBLAS GEMMs with every activation stored: (to be measured).
+// LayerNorm / GELU kernels around cuBLAS GEMMs with every activation stored (with the other
+// block_gemm kernels of this file: 130.2 -> 129.7 ms f+b, see the top).
 constexpr int kOutTiles = (kMaxSketch + kTile - 1) / kTile;  // output tiles of r
 template <Tf32 kTf32>
 __global__ void __launch_bounds__(kThreads)
@@ -291,12 +298,11 @@ __global__ void __launch_bounds__(kThreads)
 //   part_wi (slices, hid, n)  [slice, h0.., :] = Σ_{slice rows} dhᵀ LN(in)  (dW_in partial)
 //   dn_part (hid tiles, nc, n) [h0 tile]       = dh W_in[h0.., :]           (dn partial)
 // accumulated over the slice's row tiles in order. kTiles: tiles of r and of n (1 when both ≤ 64).
-// Grid (hidden tiles, slices); with kTiles = 1 two blocks per SM (128 registers: ptxas spills
-// 24-40 bytes, against 184 registers and one block per SM otherwise). Replaced stored activations
-// (pre, act, dh: (nc, 8r) each) read by cuBLAS weight-gradient GEMMs plus GELU' and
-// LayerNorm-forward passes: (to be measured).
+// Grid (hidden tiles, slices). Replaced stored activations (pre, act, dh: (nc, 8r) each) read by
+// cuBLAS weight-gradient GEMMs plus GELU' and LayerNorm-forward passes (with the other block_gemm
+// kernels of this file: 130.2 -> 129.7 ms f+b, see the top).
 template <Tf32 kTf32, int kTiles>
-__global__ void __launch_bounds__(kThreads, kTiles == 1 ? 2 : 1)
+__global__ void __launch_bounds__(kThreads)
     ps_sk_block_bwd(float* part_wo, float* part_wi, float* dn_part, const float* __restrict__ in,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
                     const float* __restrict__ dout, const float* __restrict__ ln_w,
@@ -414,7 +420,7 @@ __global__ void ps_sk_tanh_bwd(float* df1, float* df2, const float* dm, const fl
 // part (slices, 2n) = [Σ dn∘x̂ | Σ dn] over each slice of kGradSliceRows rows (the layout of
 // ln_w, ln_b). One block per slice, one warp per row; lane sums of its rows in row order, then the
 // warps' sums in warp order (deterministic). Replaced two separate column-sum passes over dn and
-// dn∘x̂: (to be measured).
+// dn∘x̂ (ps_colsum_slices, 5.2 of 95.6 ms in the first version's profile; 1.7 of 49.2 ms now).
 __global__ void ps_sk_ln_bwd(float* din, float* part, const float* dn_part, int parts, const float* in,
                              const float* mean, const float* rstd, const float* ln_w, int n, int nc) {
     constexpr int NM = kMaxSketch / 32;
@@ -550,9 +556,10 @@ __global__ void ps_sketch_random_bwd(float* dxh, const float* dM, const float* x
 // matrix, with φ(x) the packed symmetric features of x⊗x: X⊗X is symmetric in its two indices, so
 // one feature per pair a ≤ c, scaled by sqrt(2) off the diagonal, gives ⟨φ(x), φ(y)⟩ = ⟨x, y⟩²
 // with half the features (a reordering of the same sum; beat the r² features of x⊗x by (to be
-// measured)). Every state operation is a block_gemm kernel over every block of every head: build
-// H_l = Φ_lᵀ Y_l, apply out_l (+)= Φ_l S_l (Φ computed in the loaders, never stored) and the
-// contraction dX_t += ∂(φ(X_t)·(S_l Y_t))/∂X_t.
+// measured)). Every state operation is a GEMM per block: build H_l = Φ_lᵀ Y_l and apply
+// out_l (+)= Φ_l S_l as block_gemm kernels over every block of every head (Φ computed in the
+// loaders, never stored); contract V_l = Y_l S_lᵀ as cuBLAS strided-batched GEMMs over runs of
+// equally sized blocks (host side, StateSegment) then dX_t = ∂(φ(X_t)·V_t)/∂X_t by a kernel.
 
 // Index of the pair a ≤ c in the packed features (row-major upper triangle of r × r).
 __device__ __forceinline__ int pair_index(int a, int c, int r) { return a * r - a * (a - 1) / 2 + (c - a); }
@@ -571,33 +578,16 @@ __device__ __forceinline__ float feature(const float* x, int pr) {
     return (a == c ? 1.f : kSqrt2) * x[a] * x[c];
 }
 
-// Tile `tile` of 64 rows of block blk (= bh·L + l): its first global row and its number of rows n
-// (≤ 0: the block has no such tile).
-struct RowTile {
-    int64_t row0;
-    int n;
-};
-__device__ __forceinline__ RowTile row_tile(const Dims& D, int64_t blk, int tile) {
-    const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
-    return RowTile{(blk / D.L) * D.T + t0 + tile * kTile, min(kTile, nb - tile * kTile)};
-}
-
-// The (d+1)-wide outputs (rows of C = [V | 1], G, states) run as block_gemm column tiles over the
-// first d columns; the last column (index d) is computed on the CUDA cores by the blocks of column
-// tile 0 (a 64-wide tile for one column would double the products), with fixed-order sums.
-constexpr int kParts = kThreads / kTile;  // threads per output row of those last-column sums
-
 // states (B·H, L, r(r+1)/2, e): block l of head bh <- Σ_{t∈l} φ(X_t) Y_tᵀ, X (rows, r), Y (rows, e):
 // block_gemm with A(i, k) = φ_i(X of the block's row k) computed by the loader (Φ is never stored),
-// B = Y. Grid (B·H·L, feature tiles × column tiles of d). Replaced Φ materialised by a kernel plus
-// cuBLAS GEMMs: (to be measured).
+// B = Y. Grid (B·H·L, feature tiles × column tiles). Replaced Φ materialised by a kernel plus
+// cuBLAS GEMMs (ps_outer alone was 15% of the time; ps_build_states is now 14%).
 template <Tf32 kTf32>
 __global__ void __launch_bounds__(kThreads)
     ps_build_states(float* states, const float* __restrict__ X, const float* __restrict__ Y,
                     const int* __restrict__ pairs, Dims D) {
     __shared__ GemmSmem sm;
-    __shared__ float red[kParts][kTile];  // partial sums of the last column
-    const int col_tiles = (D.d + kTile - 1) / kTile;
+    const int col_tiles = (D.e + kTile - 1) / kTile;
     const int f0 = (blockIdx.y / col_tiles) * kTile, j0 = (blockIdx.y % col_tiles) * kTile;
     const int64_t blk = blockIdx.x, bh = blk / D.L;
     const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
@@ -609,39 +599,22 @@ __global__ void __launch_bounds__(kThreads)
     block_gemm<kTf32, false, false>(
         acc, sm, 0, nb,
         [&](int i, int k) { return f0 + i < D.rp ? feature(x + (int64_t)k * D.r, pairs[f0 + i]) : 0.f; },
-        [&](int k, int j) { return j0 + j < D.d ? y[(int64_t)k * D.e + j0 + j] : 0.f; });
+        [&](int k, int j) { return j0 + j < D.e ? y[(int64_t)k * D.e + j0 + j] : 0.f; });
     float* out = states + blk * D.rp * D.e;
     for_tile(acc, [&](int i, int j, float v) {
-        if (f0 + i < D.rp && j0 + j < D.d) out[(int64_t)(f0 + i) * D.e + j0 + j] = v;
+        if (f0 + i < D.rp && j0 + j < D.e) out[(int64_t)(f0 + i) * D.e + j0 + j] = v;
     });
-    if (j0 == 0) {  // the last column: thread (i, part) sums the rows part, part + kParts, ... in order
-        const int i = threadIdx.x % kTile, part = threadIdx.x / kTile;
-        float sum = 0.f;
-        if (f0 + i < D.rp) {
-            const int pr = pairs[f0 + i];
-            for (int k = part; k < nb; k += kParts) sum += feature(x + (int64_t)k * D.r, pr) * y[(int64_t)k * D.e + D.d];
-        }
-        red[part][i] = sum;
-        __syncthreads();
-        if (threadIdx.x < kTile && f0 + threadIdx.x < D.rp) {
-            float v = 0.f;
-            for (int u = 0; u < kParts; u++) v += red[u][threadIdx.x];
-            out[(int64_t)(f0 + threadIdx.x) * D.e + D.d] = v;
-        }
-    }
 }
 
 // out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form; out is
 // not read when beta = 0): block_gemm over the r(r+1)/2 features with A(i, k) = φ_k(X_i) computed by
-// the loader; the last column as in ps_build_states. Grid (B·H·L, row tiles of a block × column
-// tiles of d).
+// the loader. Grid (B·H·L, row tiles of a block × column tiles).
 template <Tf32 kTf32>
 __global__ void __launch_bounds__(kThreads)
     ps_apply_states(float* out, const float* __restrict__ X, const float* __restrict__ states,
                     const int* __restrict__ pairs, Dims D, float beta) {
     __shared__ GemmSmem sm;
-    __shared__ float red[kParts][kTile];  // partial sums of the last column
-    const int col_tiles = (D.d + kTile - 1) / kTile;
+    const int col_tiles = (D.e + kTile - 1) / kTile;
     const int rt = blockIdx.y / col_tiles, j0 = (blockIdx.y % col_tiles) * kTile;
     const int64_t blk = blockIdx.x, bh = blk / D.L;
     const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
@@ -655,78 +628,30 @@ __global__ void __launch_bounds__(kThreads)
     block_gemm<kTf32, true, false>(
         acc, sm, 0, D.rp,
         [&](int i, int k) { return i < nr ? feature(x + (int64_t)i * D.r, pairs[k]) : 0.f; },
-        [&](int k, int j) { return j0 + j < D.d ? s[(int64_t)k * D.e + j0 + j] : 0.f; });
+        [&](int k, int j) { return j0 + j < D.e ? s[(int64_t)k * D.e + j0 + j] : 0.f; });
     float* o = out + row0 * D.e;
     for_tile(acc, [&](int i, int j, float v) {
-        if (i < nr && j0 + j < D.d) {
+        if (i < nr && j0 + j < D.e) {
             float& dst = o[(int64_t)i * D.e + j0 + j];
             dst = beta == 0.f ? v : beta * dst + v;
         }
     });
-    if (j0 == 0) {  // the last column: thread (i, part) sums the features part, part + kParts, ... in order
-        const int i = threadIdx.x % kTile, part = threadIdx.x / kTile;
-        float sum = 0.f;
-        if (i < nr)
-            for (int k = part; k < D.rp; k += kParts) sum += feature(x + (int64_t)i * D.r, pairs[k]) * s[(int64_t)k * D.e + D.d];
-        red[part][i] = sum;
-        __syncthreads();
-        if (threadIdx.x < nr) {
-            float v = 0.f;
-            for (int u = 0; u < kParts; u++) v += red[u][threadIdx.x];
-            float& dst = o[(int64_t)threadIdx.x * D.e + D.d];
-            dst = beta == 0.f ? v : beta * dst + v;
-        }
-    }
 }
 
-// dX_t[a] += ∂(φ(X_t)·V_t)/∂X_ta with V_t = S_l(t) Y_t: = 2 X_ta V_t[aa] + sqrt(2) Σ_{c≠a} X_tc V_t[ac],
-// X, dX (rows, r), Y (rows, e). Computed in the full r² form, column J = a·r + c of
-// Ṽ_t = Y_t·S̃ᵀ with S̃[J] = κ_ac S[pair(a, c)] (κ = 2 for a = c, sqrt(2) else) read from the
-// packed state by the loader: per 64-row tile of a block and 64 columns J at a time, block_gemm
-// (K = d, the last k = d added in the epilogue), the products X_tc Ṽ_t[J] into shared memory, and one thread per (row, a) adds the sum
-// over its c in the tile (in order) to dX; the tiles in order. Grid (B·H·L, row tiles of a
-// block). Replaced V = Y Sᵀ stored (rows, r(r+1)/2) by cuBLAS plus a finishing kernel: (to be
-// measured).
-template <Tf32 kTf32>
-__global__ void __launch_bounds__(kThreads)
-    ps_contract_states(float* dX, const float* __restrict__ X, const float* __restrict__ Y,
-                       const float* __restrict__ states, Dims D) {
-    __shared__ GemmSmem sm;
-    __shared__ float pv[kTile][kTile + 1];  // X_tc Ṽ_t[J0 + j] of the current column tile
-    const RowTile q = row_tile(D, blockIdx.x, blockIdx.y);
-    if (q.n <= 0) return;  // the whole block: before any barrier
-    const int r = D.r, e = D.e, rr = r * r;
-    const float* s = states + (int64_t)blockIdx.x * D.rp * e;
-    for (int J0 = 0; J0 < rr; J0 += kTile) {
-        TcAcc acc;
-        zero(acc);
-        // S̃[J][k] for k < d by block_gemm, the last k = d as a rank-1 term in the epilogue
-        auto s_tilde = [&](int J, int k) {
-            const int a = J / r, c = J % r;
-            return (a == c ? 2.f : kSqrt2) * s[(int64_t)pair_index(min(a, c), max(a, c), r) * e + k];
-        };
-        block_gemm<kTf32, true, true>(
-            acc, sm, 0, D.d, [&](int i, int k) { return i < q.n ? Y[(q.row0 + i) * e + k] : 0.f; },
-            [&](int k, int j) { return J0 + j < rr ? s_tilde(J0 + j, k) : 0.f; });
-        for_tile(acc, [&](int i, int j, float v) {
-            const int J = J0 + j;
-            pv[i][j] = i < q.n && J < rr
-                           ? X[(q.row0 + i) * r + J % r] * (v + Y[(q.row0 + i) * e + D.d] * s_tilde(J, D.d))
-                           : 0.f;
-        });
-        __syncthreads();
-        const int j_end = min(kTile, rr - J0);  // columns of this tile
-        const int a_lo = J0 / r, segs = (J0 + j_end - 1) / r - a_lo + 1;
-        for (int idx = threadIdx.x; idx < kTile * segs; idx += kThreads) {
-            const int i = idx % kTile, a = a_lo + idx / kTile;
-            if (i >= q.n) continue;
-            const int jb = max(a * r - J0, 0), je = min(a * r + r - J0, j_end);
-            float sum = 0.f;
-            for (int j = jb; j < je; ++j) sum += pv[i][j];
-            dX[(q.row0 + i) * r + a] += sum;
-        }
-        __syncthreads();  // pv is rewritten, and the next tile adds to the same dX entries
-    }
+// dX_t[a] += ∂(φ(X_t)·V_t)/∂X_ta = 2 X_ta V_t[aa] + sqrt(2) Σ_{c≠a} X_tc V_t[ac] for n rows
+// (X, dX (n, r), V (n, r(r+1)/2)); with the states built from φ this is 2 Σ_c X_tc (S[a,c,:]·Y_t)
+// of the full r² form. One thread per (t, a).
+__global__ void ps_contract_finish(float* dX, const float* X, const float* V, int r, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * r) return;
+    const int64_t t = idx / r;
+    const int a = (int)(idx % r);
+    const float* x = X + t * r;
+    const float* v = V + t * ((int64_t)r * (r + 1) / 2);
+    float off = 0.f;
+    for (int c = 0; c < r; ++c)
+        if (c != a) off += x[c] * v[c < a ? pair_index(c, a, r) : pair_index(a, c, r)];
+    dX[idx] += 2.f * x[a] * v[pair_index(a, a, r)] + kSqrt2 * off;
 }
 
 // In place: exclusive prefix (reverse = false: Σ of earlier blocks) or suffix (reverse = true:
@@ -759,157 +684,32 @@ __global__ void ps_state_scan(float* states, Dims D, bool reverse) {
 }
 
 // ============================================================================ diagonal blocks
-// The intra-block part of every block of nb ≤ b rows, with the base features X_q, X_k = q̂, k̂ and
-// power p (exact_diag) or A, B and power 2 (nf features per row): S = X_q X_kᵀ (nb, nb),
-// W = tril(S^p), out += W C; backward dW = G Cᵀ, dS = tril(p S^(p−1) ∘ dW), dX_q = dS X_k,
-// dX_k = dSᵀ X_q, dC = Wᵀ G. Flash-style: a 64 × 64 tile of S (and dW) is computed by block_gemm,
-// turned into W or dS in shared memory and multiplied at once, key tile after key tile (query side)
-// or query tile after query tile (key side), in order; nothing of size nb² is stored. Grid
-// (B·H·L, tiles within one block). Replaced per-block cuBLAS GEMMs through (nb, nb) buffers plus
-// power/mask kernels: (to be measured).
+// The intra-block part as batched GEMMs per block of nb ≤ b rows (host side, diag_forward and
+// diag_backward), with the base features X_q, X_k = q̂, k̂ and power p (exact_diag) or A, B and
+// power 2: S = X_q X_kᵀ (nb, nb), W = tril(S^p), out += W C; backward dW = G Cᵀ,
+// dS = tril(p S^(p−1) ∘ dW), dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G. These kernels apply the
+// power and the causal mask on (count, nb, nb) buffers.
 
-// acc = X_q[query tile] X_k[key tile]ᵀ (i query, j key; 0 outside the tiles)
-template <Tf32 kTf32>
-__device__ __forceinline__ void diag_scores(TcAcc& acc, GemmSmem& sm, const float* Xq, const float* Xk, int nf,
-                                            const RowTile& q, const RowTile& k) {
-    zero(acc);
-    block_gemm<kTf32, true, true>(
-        acc, sm, 0, nf, [&](int i, int c) { return i < q.n ? Xq[(q.row0 + i) * nf + c] : 0.f; },
-        [&](int c, int j) { return j < k.n ? Xk[(k.row0 + j) * nf + c] : 0.f; });
+// S <- W = tril(S^p)
+__global__ void ps_diag_weights(float* S, int nb, int p, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    const int j = (int)(idx % nb), i = (int)((idx / nb) % nb);
+    S[idx] = j <= i ? ipow(S[idx], p) : 0.f;
 }
-// acc = G[query tile] C[key tile]ᵀ = dW. Its entries cancel (dO·v_j − dO·o_i): SplitA in the bf16
-// path (C = [v | 1] is exact in TF32), fp32 accuracy.
-template <Tf32 kTf32>
-__device__ __forceinline__ void diag_dw(TcAcc& acc, GemmSmem& sm, const float* G, const float* C, int e,
-                                        const RowTile& q, const RowTile& k) {
-    constexpr Tf32 kMode = kTf32 == Tf32::Single ? Tf32::SplitA : kTf32;
-    zero(acc);
-    block_gemm<kMode, true, true>(
-        acc, sm, 0, e, [&](int i, int c) { return i < q.n ? G[(q.row0 + i) * e + c] : 0.f; },
-        [&](int c, int j) { return j < k.n ? C[(k.row0 + j) * e + c] : 0.f; });
-}
-
-// out (rows, e) = beta·out + Σ_{j ≤ i in the block} w_ij C_j (out not read when beta = 0); the last
-// column by the threads i < 64 of column tile 0 (keys in order). Grid (B·H·L, query tiles × column
-// tiles of d).
-template <Tf32 kTf32>
-__global__ void __launch_bounds__(kThreads)
-    ps_diag_fwd(float* out, const float* __restrict__ Xq, const float* __restrict__ Xk, const float* __restrict__ C,
-                Dims D, int nf, int p, float beta) {
-    __shared__ GemmSmem sm;
-    __shared__ float w[kTile][kTile + 1];  // W[query i][key j] of the current key tile
-    const int col_tiles = (D.d + kTile - 1) / kTile;
-    const int qt = blockIdx.y / col_tiles, j0 = (blockIdx.y % col_tiles) * kTile;
-    const RowTile q = row_tile(D, blockIdx.x, qt);
-    if (q.n <= 0) return;  // the whole block: before any barrier
-    const bool last = j0 == 0 && threadIdx.x < kTile;  // this thread sums the last column of row threadIdx.x
-    float last_sum = 0.f;
-    TcAcc acc;
-    zero(acc);
-    for (int kt = 0; kt <= qt; kt++) {
-        const RowTile k = row_tile(D, blockIdx.x, kt);
-        TcAcc s;
-        diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
-        for_tile(s, [&](int i, int j, float v) { w[i][j] = kt * kTile + j <= qt * kTile + i ? ipow(v, p) : 0.f; });
-        __syncthreads();
-        if (last)
-            for (int j = 0; j < k.n; j++) last_sum += w[threadIdx.x][j] * C[(k.row0 + j) * D.e + D.d];
-        block_gemm<kTf32, true, false>(
-            acc, sm, 0, k.n, [&](int i, int c) { return w[i][c]; },
-            [&](int c, int j) { return j0 + j < D.d ? C[(k.row0 + c) * D.e + j0 + j] : 0.f; });
+// S <- dS = tril(p S^(p−1) dW), dW <- W = tril(S^p)
+__global__ void ps_diag_grads(float* S, float* dW, int nb, int p, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    const int j = (int)(idx % nb), i = (int)((idx / nb) % nb);
+    if (j <= i) {
+        const float s = S[idx], sp1 = ipow(s, p - 1);
+        S[idx] = p * sp1 * dW[idx];
+        dW[idx] = sp1 * s;
+    } else {
+        S[idx] = 0.f;
+        dW[idx] = 0.f;
     }
-    float* o = out + q.row0 * D.e;
-    for_tile(acc, [&](int i, int j, float v) {
-        if (i < q.n && j0 + j < D.d) {
-            float& dst = o[(int64_t)i * D.e + j0 + j];
-            dst = beta == 0.f ? v : beta * dst + v;
-        }
-    });
-    if (last && (int)threadIdx.x < q.n) {
-        float& dst = o[(int64_t)threadIdx.x * D.e + D.d];
-        dst = beta == 0.f ? last_sum : beta * dst + last_sum;
-    }
-}
-
-// dX_q (rows, nf) = dS X_k over the keys of the block (overwritten). Grid (B·H·L, query tiles ×
-// column tiles of nf).
-template <Tf32 kTf32>
-__global__ void __launch_bounds__(kThreads)
-    ps_diag_bwd_q(float* dXq, const float* __restrict__ Xq, const float* __restrict__ Xk, const float* __restrict__ C,
-                  const float* __restrict__ G, Dims D, int nf, int p) {
-    __shared__ GemmSmem sm;
-    __shared__ float ds[kTile][kTile + 1];  // dS[query i][key j] of the current key tile
-    const int col_tiles = (nf + kTile - 1) / kTile;
-    const int qt = blockIdx.y / col_tiles, c0 = (blockIdx.y % col_tiles) * kTile;
-    const RowTile q = row_tile(D, blockIdx.x, qt);
-    if (q.n <= 0) return;
-    TcAcc acc;
-    zero(acc);
-    for (int kt = 0; kt <= qt; kt++) {
-        const RowTile k = row_tile(D, blockIdx.x, kt);
-        TcAcc s, dw;
-        diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
-        diag_dw<kTf32>(dw, sm, G, C, D.e, q, k);
-        for_tile2(s, dw, [&](int i, int j, float sv, float dwv) {
-            ds[i][j] = kt * kTile + j <= qt * kTile + i ? p * ipow(sv, p - 1) * dwv : 0.f;
-        });
-        __syncthreads();
-        block_gemm<kTf32, true, false>(
-            acc, sm, 0, k.n, [&](int i, int c) { return ds[i][c]; },
-            [&](int c, int j) { return c0 + j < nf ? Xk[(k.row0 + c) * nf + c0 + j] : 0.f; });
-    }
-    for_tile(acc, [&](int i, int j, float v) {
-        if (i < q.n && c0 + j < nf) dXq[(q.row0 + i) * nf + c0 + j] = v;
-    });
-}
-
-// Key side, overwritten: dX_k (rows, nf) = dSᵀ X_q and dC (rows, e) = Wᵀ G over the queries of the
-// block (the last column of dC by the threads j < 64 of dC's column tile 0, queries in order).
-// Grid (B·H·L, key tiles × (column tiles of nf, then of d)).
-template <Tf32 kTf32>
-__global__ void __launch_bounds__(kThreads)
-    ps_diag_bwd_k(float* dXk, float* dC, const float* __restrict__ Xq, const float* __restrict__ Xk,
-                  const float* __restrict__ C, const float* __restrict__ G, Dims D, int nf, int p) {
-    __shared__ GemmSmem sm;
-    __shared__ float t[kTile][kTile + 1];  // dS or W [query i][key j] of the current query tile
-    const int nf_tiles = (nf + kTile - 1) / kTile, tiles = nf_tiles + (D.d + kTile - 1) / kTile;
-    const int kt = blockIdx.y / tiles, which = blockIdx.y % tiles;
-    const bool is_dc = which >= nf_tiles;  // this block's output: dC, else dX_k
-    const int c0 = (is_dc ? which - nf_tiles : which) * kTile;
-    const int ld = is_dc ? D.e : nf, width = is_dc ? D.d : nf;  // row stride, columns by block_gemm
-    const RowTile k = row_tile(D, blockIdx.x, kt);
-    if (k.n <= 0) return;
-    const float* Y = is_dc ? G : Xq;  // the right operand, (rows, ld)
-    const bool last = is_dc && c0 == 0 && threadIdx.x < kTile;  // this thread sums dC[key threadIdx.x, d]
-    float last_sum = 0.f;
-    TcAcc acc;
-    zero(acc);
-    for (int qt = kt;; qt++) {
-        const RowTile q = row_tile(D, blockIdx.x, qt);
-        if (q.n <= 0) break;
-        TcAcc s;
-        diag_scores<kTf32>(s, sm, Xq, Xk, nf, q, k);
-        if (is_dc) {
-            for_tile(s, [&](int i, int j, float v) { t[i][j] = kt * kTile + j <= qt * kTile + i ? ipow(v, p) : 0.f; });
-        } else {
-            TcAcc dw;
-            diag_dw<kTf32>(dw, sm, G, C, D.e, q, k);
-            for_tile2(s, dw, [&](int i, int j, float sv, float dwv) {
-                t[i][j] = kt * kTile + j <= qt * kTile + i ? p * ipow(sv, p - 1) * dwv : 0.f;
-            });
-        }
-        __syncthreads();
-        if (last)
-            for (int c = 0; c < q.n; c++) last_sum += t[c][threadIdx.x] * G[(q.row0 + c) * D.e + D.d];
-        block_gemm<kTf32, false, false>(
-            acc, sm, 0, q.n, [&](int i, int c) { return t[c][i]; },
-            [&](int c, int j) { return c0 + j < width ? Y[(q.row0 + c) * ld + c0 + j] : 0.f; });
-    }
-    float* dst = is_dc ? dC : dXk;
-    for_tile(acc, [&](int i, int j, float v) {
-        if (i < k.n && c0 + j < width) dst[(k.row0 + i) * ld + c0 + j] = v;
-    });
-    if (last && (int)threadIdx.x < k.n) dC[(k.row0 + threadIdx.x) * D.e + D.d] = last_sum;
 }
 
 // o (rows, d) = U[:, :d] / (1 + U[:, d]), den (rows) = 1 + U[:, d]. One thread per element of o.
@@ -964,12 +764,15 @@ int grid_of(int64_t n, int threads) { return ceil_div(n, threads); }
 
 // Offsets (floats) of everything in the workspace.
 struct WorkspacePlan {
-    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, p32, sk, total;
+    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, cv, diag, p32, sk, total;
+    int64_t cv_blocks;  // blocks per run of the contraction GEMMs (cv holds cv_blocks·block rows of r(r+1)/2)
+    int64_t diag_blocks, diag_floats;  // blocks per run of the diagonal-block GEMMs; floats of each of its 2 buffers
     int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
     int64_t skk;      // the learned sketch's kept outputs (5, 2·rows, r): blocks (f, g) = (0,0) (0,1) (1,0) (1,1), tz
     WorkspacePlan(const AttnShape& s, int r, int block, size_t num_params) {
         const int64_t rows = (int64_t)s.rows(), d = s.d, e = d + 1;
         const int64_t L = (s.T + block - 1) / block, rp = (int64_t)r * (r + 1) / 2;
+        const int64_t nb = std::min(block, s.T);  // rows of the largest block
         int64_t off = 0;
         auto take = [&](int64_t n) { int64_t o = off; off += (n + 63) / 64 * 64; return o; };
         xh = take(2 * rows * d);
@@ -982,6 +785,11 @@ struct WorkspacePlan {
         dM = take(2 * rows * r);
         dC = take(rows * e);
         pairs = take(rp);  // ints
+        cv_blocks = std::max<int64_t>(1, std::min<int64_t>(kContractFloats / ((int64_t)block * rp), s.B * s.H * L));
+        cv = take(L > 1 ? cv_blocks * block * rp : 0);
+        diag_blocks = std::max<int64_t>(1, std::min<int64_t>(kDiagFloats / (nb * nb), s.B * s.H * L));
+        diag_floats = (diag_blocks * nb * nb + 63) / 64 * 64;
+        diag = take(2 * diag_floats);
         p32 = take((int64_t)num_params);
         // rows per chunk: as many as fit kSketchChunkFloats (at least 256), at most all 2·rows
         const int64_t per_row = SketchChunk((int)d, r, 64).total / 64;
@@ -1003,6 +811,7 @@ public:
     }
     ~CudaPolySketchAttention() override {
         for (auto& kv : random_sketch_) cudaFree(kv.second);  // no throw from a destructor
+        if (blas_) cublasDestroy(blas_);
     }
     std::string name() const override { return "polysketch"; }
     size_t num_params(int d) const override {
@@ -1079,12 +888,12 @@ public:
         if (D.L > 1) {
             // prefix Z from (B, C): dA += 2 Σ_c A_c (Z[a,c,:]·g)  (Z of block 0 is exactly 0)
             build_states(D, P, ws, states, Bk, C, false);
-            contract_states(D, dA, A, G, states);
+            contract_states(D, P, ws, dA, A, G, states);
             // suffix R from (A, G): dC += Σ_ac B_a B_c R[a,c,:], dB += 2 Σ_c B_c (R[a,c,:]·C)  (R of the
             // last block is exactly 0)
             build_states(D, P, ws, states, A, G, true);
             apply_states(D, P, ws, dC, Bk, states, 1.f);
-            contract_states(D, dB, Bk, C, states);
+            contract_states(D, P, ws, dB, Bk, C, states);
         }
         // through the sketch into dxh (and the parameters)
         const int64_t n2 = 2 * D.rows;
@@ -1141,9 +950,20 @@ private:
         return D;
     }
 
-    // bf16 storage: the products on the tensor cores in one TF32 product (10 mantissa bits, finer
-    // than the bf16 inputs). fp32 storage (the checking path): 3xTF32, fp32 accuracy.
-    void set_math(DType dt) { split_ = dt != DType::BF16; }
+    // The handle of the sketch GEMMs, on the default stream as every launch here; created on first use.
+    cublasHandle_t blas() {
+        if (!blas_) {
+            CUBLAS_CHECK(cublasCreate(&blas_));
+            CUBLAS_CHECK(cublasSetStream(blas_, 0));
+        }
+        return blas_;
+    }
+    // bf16 storage: the GEMMs on the tensor cores in TF32 (10 mantissa bits, finer than the bf16
+    // inputs; deterministic like SGEMM). fp32 storage (the checking path): full fp32, no TF32.
+    void set_math(DType dt) {
+        split_ = dt != DType::BF16;
+        CUBLAS_CHECK(cublasSetMathMode(blas(), dt == DType::BF16 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    }
 
     // fn(std::integral_constant<Tf32, mode>) with the block_gemm mode of this call (split_)
     template <typename Fn>
@@ -1294,13 +1114,46 @@ private:
         CUDA_LAUNCH_CHECK();
     }
 
+    // A run of `count` consecutive blocks of `rows_per` rows each (uniform strides): first global row
+    // `row0`, first global block (state index bh·L + l) `blk0`.
+    struct StateSegment {
+        int64_t row0, blk0;
+        int count, rows_per;
+    };
+    // Every block of every head in runs of at most maxb equal blocks: when block | T all blocks are
+    // equal and contiguous across heads; else per head its full blocks, then the ragged one.
+    static std::vector<StateSegment> segments(const Dims& D, int64_t maxb) {
+        std::vector<StateSegment> segs;
+        if (D.T % D.block == 0) {
+            const int64_t total = D.bh_count * D.L;
+            for (int64_t g = 0; g < total; g += maxb)
+                segs.push_back({g * D.block, g, (int)std::min<int64_t>(maxb, total - g), D.block});
+            return segs;
+        }
+        const int full = D.T / D.block;
+        for (int64_t bh = 0; bh < D.bh_count; ++bh) {
+            for (int64_t l = 0; l < full; l += maxb)
+                segs.push_back({bh * D.T + l * D.block, bh * D.L + l, (int)std::min<int64_t>(maxb, full - l), D.block});
+            segs.push_back({bh * D.T + (int64_t)full * D.block, bh * D.L + full, 1, D.T - full * D.block});
+        }
+        return segs;
+    }
+    // Row-major strided-batched C_i (M, N) = op(A_i) op(B_i) + beta C_i in fp32.
+    void gemm_rm_batched(bool trans_a, bool trans_b, int M, int N, int K, const float* A, int lda, int64_t stride_a,
+                         const float* B, int ldb, int64_t stride_b, float beta, float* C, int ldc, int64_t stride_c,
+                         int batch) {
+        const float one = 1.f;
+        CUBLAS_CHECK(cublasSgemmStridedBatched(blas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                               trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &one, B, ldb, stride_b, A,
+                                               lda, stride_a, &beta, C, ldc, stride_c, batch));
+    }
     // Grid of the state kernels: x = every block of every head, y = tiles within one block.
     static dim3 state_grid(const Dims& D, int tiles) { return dim3((unsigned)(D.bh_count * D.L), (unsigned)tiles); }
     // states <- per-block Σ_t φ(X_t) Y_tᵀ (r(r+1)/2, e), then the exclusive prefix (reverse: suffix) over blocks
     void build_states(const Dims& D, const WorkspacePlan& P, float* ws, float* states, const float* X, const float* Y,
                       bool reverse) {
         const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
-        const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.d, kTile));
+        const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.e, kTile));
         if (split_) ps_build_states<Tf32::Split><<<grid, kThreads>>>(states, X, Y, pairs, D);
         else ps_build_states<Tf32::Single><<<grid, kThreads>>>(states, X, Y, pairs, D);
         CUDA_LAUNCH_CHECK();
@@ -1312,52 +1165,74 @@ private:
     void apply_states(const Dims& D, const WorkspacePlan& P, float* ws, float* out, const float* X, const float* states,
                       float beta) {
         const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
-        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile) * ceil_div(D.d, kTile));
+        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile) * ceil_div(D.e, kTile));
         if (split_) ps_apply_states<Tf32::Split><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
         else ps_apply_states<Tf32::Single><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
         CUDA_LAUNCH_CHECK();
     }
-    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V_t = S_l(t) Y_t
-    void contract_states(const Dims& D, float* dX, const float* X, const float* Y, const float* states) {
-        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile));
-        by_tf32([&](auto mode) {
-            ps_contract_states<decltype(mode)::value><<<grid, kThreads>>>(dX, X, Y, states, D);
-        });
-        CUDA_LAUNCH_CHECK();
+    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the cv buffer), then the finish
+    void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, const float* X, const float* Y,
+                         const float* states) {
+        const int rp = D.rp, e = D.e;
+        float* V = ws + P.cv;
+        for (const StateSegment& g : segments(D, P.cv_blocks)) {
+            gemm_rm_batched(false, true, g.rows_per, rp, e, Y + g.row0 * e, e, (int64_t)g.rows_per * e,
+                            states + g.blk0 * rp * e, e, (int64_t)rp * e, 0.f, V, rp, (int64_t)g.rows_per * rp,
+                            g.count);
+            const int64_t n = (int64_t)g.count * g.rows_per;
+            ps_contract_finish<<<grid_of(n * D.r, 256), 256>>>(dX + g.row0 * D.r, X + g.row0 * D.r, V, D.r, n);
+            CUDA_LAUNCH_CHECK();
+        }
     }
 
-    // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j
+    // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j (diag kernels)
     void diag_forward(const Dims& D, const WorkspacePlan& P, float* ws, float* out, float beta) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
         const float* Xq = ws + (exact ? P.xh : P.M);  // (rows, nf) q̂ or A, then the k̂ or B rows
         const float* Xk = Xq + D.rows * nf;
-        const int q_tiles = ceil_div(std::min(D.block, D.T), kTile);
-        const dim3 grid = state_grid(D, q_tiles * ceil_div(D.d, kTile));
-        by_tf32([&](auto mode) {
-            ps_diag_fwd<decltype(mode)::value><<<grid, kThreads>>>(out, Xq, Xk, ws + P.C, D, nf, p, beta);
-        });
-        CUDA_LAUNCH_CHECK();
+        const float* C = ws + P.C;
+        float* S = ws + P.diag;
+        for (const StateSegment& g : segments(D, P.diag_blocks)) {
+            const int nb = g.rows_per;
+            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
+            gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
+                            nn, g.count);  // S = X_q X_kᵀ
+            ps_diag_weights<<<grid_of(g.count * nn, 256), 256>>>(S, nb, p, g.count * nn);
+            CUDA_LAUNCH_CHECK();
+            gemm_rm_batched(false, false, nb, e, nb, S, nb, nn, C + g.row0 * e, e, cs, beta, out + g.row0 * e, e, cs,
+                            g.count);  // out (+)= W C
+        }
     }
     // The diagonal blocks' gradients, overwriting: dC (rows, e); dq̂, dk̂ in dxh (exact_diag) or dA, dB
     // in dM (sketched), the other one zeroed (both are accumulated into afterwards).
     void diag_backward(const Dims& D, const WorkspacePlan& P, float* ws) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
         const float* Xq = ws + (exact ? P.xh : P.M);
         const float* Xk = Xq + D.rows * nf;
         float* dXq = ws + (exact ? P.dxh : P.dM);
         float* dXk = dXq + D.rows * nf;
         const float *C = ws + P.C, *G = ws + P.G;
-        const int tiles = ceil_div(std::min(D.block, D.T), kTile), nf_tiles = ceil_div(nf, kTile);
-        by_tf32([&](auto mode) {
-            constexpr Tf32 m = decltype(mode)::value;
-            ps_diag_bwd_q<m><<<state_grid(D, tiles * nf_tiles), kThreads>>>(dXq, Xq, Xk, C, G, D, nf, p);
+        float* dC = ws + P.dC;
+        float* S = ws + P.diag;                  // S, then dS
+        float* dW = ws + P.diag + P.diag_floats;  // dW, then W
+        for (const StateSegment& g : segments(D, P.diag_blocks)) {
+            const int nb = g.rows_per;
+            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
+            gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
+                            nn, g.count);  // S = X_q X_kᵀ
+            gemm_rm_batched(false, true, nb, nb, e, G + g.row0 * e, e, cs, C + g.row0 * e, e, cs, 0.f, dW, nb, nn,
+                            g.count);  // dW = G Cᵀ
+            ps_diag_grads<<<grid_of(g.count * nn, 256), 256>>>(S, dW, nb, p, g.count * nn);
             CUDA_LAUNCH_CHECK();
-            ps_diag_bwd_k<m><<<state_grid(D, tiles * (nf_tiles + ceil_div(D.d, kTile))), kThreads>>>(
-                dXk, ws + P.dC, Xq, Xk, C, G, D, nf, p);
-        });
-        CUDA_LAUNCH_CHECK();
+            gemm_rm_batched(false, false, nb, nf, nb, S, nb, nn, Xk + g.row0 * nf, nf, xs, 0.f, dXq + g.row0 * nf, nf,
+                            xs, g.count);  // dX_q = dS X_k
+            gemm_rm_batched(true, false, nb, nf, nb, S, nb, nn, Xq + g.row0 * nf, nf, xs, 0.f, dXk + g.row0 * nf, nf,
+                            xs, g.count);  // dX_k = dSᵀ X_q
+            gemm_rm_batched(true, false, nb, e, nb, dW, nb, nn, G + g.row0 * e, e, cs, 0.f, dC + g.row0 * e, e, cs,
+                            g.count);  // dC = Wᵀ G
+        }
         const int64_t other = exact ? 2 * D.rows * D.r : 2 * D.rows * D.d;
         CUDA_CHECK(cudaMemsetAsync(ws + (exact ? P.dM : P.dxh), 0, other * sizeof(float), 0));
     }
@@ -1378,6 +1253,7 @@ private:
     AttnConfig cfg_;
     std::map<int, float*> random_sketch_;  // layer -> S (2, d, r) on the device
     int random_sketch_d_ = -1;
+    cublasHandle_t blas_ = nullptr;  // the learned sketch's GEMMs
     bool split_ = true;  // block_gemm products: Tf32::Split (fp32 storage) or Tf32::Single (bf16), set by set_math
 };
 
