@@ -522,6 +522,20 @@ __device__ __forceinline__ void key_info(const Quadrant& qd, const KeyTiles& kt,
     kblk = valid ? (qd.inv[qd.start + qd.ukeys[s]] - qd.start) / block : -1;
     klw = valid ? lw2 + log2f((float)qd.ucount[s]) : 0.f;
 }
+
+// Key tile `tile` of a query tile's key list (its aligned sorted key blocks, then the node's
+// distinct samples) into one stage: K and V rows gathered by cp.async, and every key's sorted block
+// and log-weight (key_info). Shared by the forward and the dQ kernel.
+template <int Bc, int D, int kThreads>
+__device__ __forceinline__ void load_key_tile_async(bf16* s_k, bf16* s_v, int* s_kblk, float* s_klw,
+                                                    const bf16* k_base, int64_t k_st, const bf16* v_base,
+                                                    int64_t v_st, const Quadrant& qd, const KeyTiles& kt,
+                                                    int tile, int block, int samples, float lw2, int tid) {
+    auto pos = [&](int j) { return key_pos<Bc>(qd, kt, tile, j, samples); };
+    gather_tile_async<Bc, D, kThreads>(s_k, k_base, k_st, pos, tid);
+    gather_tile_async<Bc, D, kThreads>(s_v, v_base, v_st, pos, tid);
+    for (int j = tid; j < Bc; j += kThreads) key_info<Bc>(qd, kt, tile, j, block, samples, lw2, s_kblk[j], s_klw[j]);
+}
 // Whether query block qblk drops the column of block kblk: block tiles keep only their own
 // block, sample tiles drop it (that draw is counted by the block part already).
 __device__ __forceinline__ bool column_masked(int kblk, int qblk, bool sample_tile) {
@@ -565,11 +579,9 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
     for (int i = tid; i < Br; i += Tr::kThreads) s_qpos[i] = query_pos(i);
     gather_tile_async<Br, D, Tr::kThreads>(s_q, head_slice<const bf16>(Q, b, h), Q.st, query_pos, tid);
     auto load_key_tile = [&](int tile, int stage) {
-        auto pos = [&](int j) { return key_pos<Bc>(qd, kt, tile, j, p.samples); };
-        gather_tile_async<Bc, D, Tr::kThreads>(s_k + stage * Bc * D, k_base, K.st, pos, tid);
-        gather_tile_async<Bc, D, Tr::kThreads>(s_v + stage * Bc * D, v_base, V.st, pos, tid);
-        for (int j = tid; j < Bc; j += Tr::kThreads)
-            key_info<Bc>(qd, kt, tile, j, p.block, p.samples, lw2, s_kblk[stage * Bc + j], s_klw[stage * Bc + j]);
+        load_key_tile_async<Bc, D, Tr::kThreads>(s_k + stage * Bc * D, s_v + stage * Bc * D, s_kblk + stage * Bc,
+                                                 s_klw + stage * Bc, k_base, K.st, v_base, V.st, qd, kt, tile,
+                                                 p.block, p.samples, lw2, tid);
     };
     load_key_tile(0, 0);
     cp_async_commit();
@@ -707,11 +719,9 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
     gather_tile_async<Br, D, Tr::kThreads>(s_q, head_slice<const bf16>(Q, b, h), Q.st, query_pos, tid);
     gather_tile_async<Br, D, Tr::kThreads>(s_do, head_slice<const bf16>(dO, b, h), dO.st, query_pos, tid);
     auto load_key_tile = [&](int tile, int stage) {
-        auto pos = [&](int j) { return key_pos<Bc>(qd, kt, tile, j, p.samples); };
-        gather_tile_async<Bc, D, Tr::kThreads>(s_k + stage * Bc * D, k_base, K.st, pos, tid);
-        gather_tile_async<Bc, D, Tr::kThreads>(s_v + stage * Bc * D, v_base, V.st, pos, tid);
-        for (int j = tid; j < Bc; j += Tr::kThreads)
-            key_info<Bc>(qd, kt, tile, j, p.block, p.samples, lw2, s_kblk[stage * Bc + j], s_klw[stage * Bc + j]);
+        load_key_tile_async<Bc, D, Tr::kThreads>(s_k + stage * Bc * D, s_v + stage * Bc * D, s_kblk + stage * Bc,
+                                                 s_klw + stage * Bc, k_base, K.st, v_base, V.st, qd, kt, tile,
+                                                 p.block, p.samples, lw2, tid);
     };
     load_key_tile(0, 0);
     cp_async_commit();
