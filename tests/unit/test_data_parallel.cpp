@@ -134,12 +134,14 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
     return std::sqrt(num / std::max(den, 1e-300));
 }
 
-// steps: AdamW amplifies summation-order differences where a gradient is near 0, and a poorly
-// conditioned model (PolySketch's degree-4 weights) then drifts past 1e-5 after a few steps;
-// one step still shows any mistake in the update itself (a wrong decay flag moves an element by
-// lr * wd = 1e-3 of itself).
+// steps: AdamW amplifies summation-order differences where a gradient is near 0 (its update is
+// ±lr whatever the gradient's size), so the parameters drift apart step by step: after 3 steps of
+// the softmax model they differ by up to 1.7e-5 (seen on random seeds), hence param_tol; a poorly
+// conditioned model (PolySketch's degree-4 weights) is checked after one step at 1e-5. Any mistake
+// in the update itself is far larger (a wrong decay flag moves an element by lr * wd = 1e-3 of
+// itself); losses and gradient norms are compared at 1e-5 at every step.
 void expect_ranks_match_reference(const std::string& attention, const std::vector<int>& worlds, const std::vector<int>& zeros,
-                                  int steps) {
+                                  int steps, double param_tol) {
     const uint64_t seed = std::random_device{}();
     SCOPED_TRACE("attention " + attention + ", seed " + std::to_string(seed));
     const GPTConfig cfg = small_config(attention);
@@ -158,11 +160,11 @@ void expect_ranks_match_reference(const std::string& attention, const std::vecto
             for (int r = 0; r < world; r++) ASSERT_EQ(runs[r].error, "") << "rank " << r;
             const double err = rel_err(runs[0].params, ref.params);
             std::printf("  %s world %d zero %d: relative error of the parameters %.2e\n", attention.c_str(), world, zero, err);
-            EXPECT_LT(err, 1e-5);
+            EXPECT_LT(err, param_tol);
             if (ref.attn_params) {  // the attention parameters on their own (their decay mask is per element)
                 const size_t n = ref.params.size(), a = ref.attn_params;
                 std::vector<float> mine(runs[0].params.end() - a, runs[0].params.end()), theirs(ref.params.begin() + (n - a), ref.params.end());
-                EXPECT_LT(rel_err(mine, theirs), 1e-5);
+                EXPECT_LT(rel_err(mine, theirs), param_tol);
             }
             for (int s = 0; s < steps; s++) {
                 EXPECT_NEAR(runs[0].norms[s], ref.norms[s], 1e-5 * ref.norms[s]) << "step " << s;
@@ -180,12 +182,12 @@ void expect_ranks_match_reference(const std::string& attention, const std::vecto
 TEST(DataParallel, RanksMatchOneRankOnTheWholeBatch) {
     // world 3 pads the parameters (ZeRO-1 shards cut tensors and leave padding)
     ASSERT_NE(GPT(small_config(), *make_cpu_ops(), 1, kT).num_params() % 3, 0u);
-    expect_ranks_match_reference("softmax", {2, 3, 4}, {0, 1}, kSteps);
+    expect_ranks_match_reference("softmax", {2, 3, 4}, {0, 1}, kSteps, 1e-4);
 }
 
 TEST(DataParallel, ZeroOneHonoursPerElementDecayMask) {
     // PolySketch's learned sketch mixes decayed and non-decayed elements inside each layer's run
-    expect_ranks_match_reference("polysketch", {3, 4}, {1}, 1);
+    expect_ranks_match_reference("polysketch", {3, 4}, {1}, 1, 1e-5);
 }
 
 TEST(DataParallel, ZeroOneOnOneRankIsBitwiseThePlainOptimizer) {
