@@ -132,7 +132,7 @@ TEST_F(CpuOpsGrad, LayerNorm) {
     expect_close(sub(db, db0), fd_grad(b, loss), 1e-7, "db");
 }
 
-// Shapes that exercise both the full 4×16 register tiles and the ragged edges.
+// Shapes that exercise both the full register tiles (8 rows × 16 doubles) and the ragged edges.
 void check_matmul_grad(int N, int IC, int OC, bool with_bias, uint64_t seed) {
     Rng rng(seed);
     Vec inp = randn((size_t)N * IC, rng), w = randn((size_t)OC * IC, rng), bias = randn(OC, rng);
