@@ -7,11 +7,12 @@
 // o_i = Σ w_ij v_j / R_i with R_i = Σ w_ij (o_i = 0, no gradient, where R_i ≤ 1e-30).
 //
 // Per (b, h) the keys are cut into chunks of kChunk = 64 positions (the CPU's kPerformerChunk).
-// Every step below is a small batched fp32 GEMM (block_gemm: 64×64 output tile per 256-thread
-// block, on the tensor cores: 3xTF32 (fp32 accuracy) for the logits and the feature-map
-// gradient and for everything in the fp32 path, one TF32 product for the other products in the
-// bf16 path but the cancelling scores M (see block_gemm); operands read through loaders that compute features on the fly); all sums run in a
-// fixed order, no atomics: forward and backward are bitwise deterministic.
+// Every step below is a small batched fp32 GEMM (block_gemm of tf32_block_gemm.cuh: 64×64 output
+// tile per 256-thread block on the tensor cores, operands read through loaders that compute
+// features on the fly). 3xTF32 (fp32 accuracy) for the logits, the feature-map gradient and
+// everything in the fp32 path; in the bf16 path one TF32 product for the other products, two for
+// the cancelling scores M (Tf32::SplitA). All sums run in a fixed order, no atomics: forward and
+// backward are bitwise deterministic.
 //   forward   1. logits a = x̃·Ωᵀ − ‖x̃‖²/2 of q and k            -> workspace (B,H,T,m)
 //                and their maxima over each 64-feature tile      -> workspace (B,H,T,m/64)
 //             2. cq (row max), ck (running max: a block scan)     -> saved
