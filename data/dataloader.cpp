@@ -153,6 +153,17 @@ DataLoaderState DataLoader::state() const {
     return {epoch_, batch_in_epoch_};
 }
 
+DataLoaderState rescale_loader_state(const DataLoaderState& s, int B, int old_world, int new_world) {
+    CHECK(B >= 1 && old_world >= 1 && new_world >= 1, "rescale_loader_state: bad B=%d or world sizes %d, %d", B,
+          old_world, new_world);
+    const uint64_t windows = s.batch_in_epoch * (uint64_t)old_world;  // in units of B windows
+    CHECK(windows % (uint64_t)new_world == 0,
+          "the checkpoint stopped %llu windows into epoch %llu, not a whole batch of %d ranks x %d rows: resume with "
+          "%d ranks, or from another checkpoint",
+          (unsigned long long)(windows * B), (unsigned long long)s.epoch, new_world, B, old_world);
+    return {s.epoch, windows / (uint64_t)new_world};
+}
+
 void DataLoader::restore(const DataLoaderState& state) {
     CHECK(state.batch_in_epoch <= batches_per_epoch_,
           "dataloader state: batch %llu of epoch %llu is beyond the %zu batches of an epoch: the data, B, T or the "

@@ -35,6 +35,12 @@ struct DataLoaderState {
 void to_json(nlohmann::json& j, const DataLoaderState& s);
 void from_json(const nlohmann::json& j, DataLoaderState& s);
 
+// The same position in the epoch's window order for another number of ranks (resume on another
+// world size, B rows per rank unchanged): batch k of B*old_world windows is batch
+// k*old_world/new_world of B*new_world windows. Fails with one line when that is not a whole
+// batch (a checkpoint taken after an epoch ended inside an optimizer step).
+DataLoaderState rescale_loader_state(const DataLoaderState& s, int B, int old_world, int new_world);
+
 class DataLoader {
 public:
     // pattern: glob(3) pattern of shard files, e.g. "DIR/*_train_*.bin". B: rows per rank,

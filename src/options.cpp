@@ -87,7 +87,7 @@ AttnConfig attention_config(const TrainOptions& o) {
 bool option_may_change_on_resume(const std::string& f) {
     static const char* allowed[] = {"steps", "stop_at", "eval_every", "eval_batches", "sample_every", "sample_tokens",
                                     "out", "ckpt_every", "keep", "resume", "data", "device",
-                                    "nproc", "comm", "comm_timeout", "bucket_grads"};
+                                    "nproc", "comm", "comm_timeout", "bucket_grads", "zero"};
     for (const char* a : allowed)
         if (f == a) return true;
     return false;

@@ -3,6 +3,7 @@
 // clipping, AdamW with the LR schedule, a status line, JSON-lines log, validation loss, text
 // samples and atomic checkpoints that --resume continues bit for bit.
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -136,6 +137,40 @@ void read_optimizer_shard(const std::string& path, GPT& model, int world, int ra
     model.set_shard_moments(1, v);
 }
 
+// The whole optimizer state (m, v over all n parameters) of a checkpoint written by `world` ranks:
+// optim.bin (ZeRO 0) or the ranks' ZeRO-1 shards put together, each checked to be the next
+// piece of the padded layout (n rounded up to a multiple of world; the padding holds zeros and is
+// dropped). Used to resume on another number of ranks or another ZeRO stage.
+void read_full_optimizer(const std::string& dir, int world, size_t n, std::vector<float>& m, std::vector<float>& v) {
+    if (access((dir + "/optim.bin").c_str(), F_OK) == 0) {
+        read_optimizer(dir + "/optim.bin", n, m, v);
+        return;
+    }
+    m.clear();
+    v.clear();
+    for (int r = 0; r < world; r++) {
+        const std::string path = dir + strformat("/optim_rank%d.bin", r);
+        std::string bytes = read_file(path, "optimizer shard");
+        CHECK(bytes.size() >= 48, "%s: truncated optimizer shard", path.c_str());
+        const int64_t* h = reinterpret_cast<const int64_t*>(bytes.data());
+        CHECK(h[0] == (((int64_t)kOptimMagic << 8) | 2), "%s: not an optimizer shard file (wrong magic or version)", path.c_str());
+        CHECK(h[1] == world && h[2] == r && h[3] == (int64_t)n && h[4] == (int64_t)m.size(),
+              "%s: shard of rank %lld/%lld at %lld over %lld parameters does not continue the shards before it "
+              "(rank %d/%d at %zu over %zu)", path.c_str(), (long long)h[2], (long long)h[1], (long long)h[4],
+              (long long)h[3], r, world, m.size(), n);
+        const size_t size = (size_t)h[5];
+        CHECK(bytes.size() == 48 + 8 * size, "%s: truncated optimizer shard (%zu bytes, expected %zu)", path.c_str(),
+              bytes.size(), 48 + 8 * size);
+        const float* data = reinterpret_cast<const float*>(bytes.data() + 48);
+        m.insert(m.end(), data, data + size);
+        v.insert(v.end(), data + size, data + 2 * size);
+    }
+    CHECK(m.size() >= n && m.size() - n < (size_t)world, "%s: the %d optimizer shards hold %zu values for %zu parameters",
+          dir.c_str(), world, m.size(), n);
+    m.resize(n);
+    v.resize(n);
+}
+
 // Text sample: tokens drawn from softmax(logits) (top-k 40) after <|endoftext|>.
 std::string generate(GPT& model, Rng& rng, const Tokenizer* tok, int n_tokens) {
     std::vector<int> ctx = {Tokenizer::kEndOfText};
@@ -263,21 +298,39 @@ int run(int argc, char** argv) {
     Rng sample_rng(Rng::derive(opt.seed, 99));
     DataLoaderState train_state;
     if (opt.resume) {
+        // Another number of ranks or ZeRO stage continues the same run: the optimizer state is put
+        // together from the saved ranks' pieces and cut for this layout, and the data loader
+        // resumes at the same window of the epoch (same total batch: more ranks, fewer
+        // accumulation steps). Only the summation order of the gradients differs.
         const int saved_world = ckpt.state.value("world", 1);
-        CHECK(saved_world == world, "%s was written by %d ranks and this launch has %d: resume with the same number of ranks "
-              "(--nproc %d); the optimizer shards and the data order depend on it", ckpt.dir.c_str(), saved_world, world, saved_world);
+        const bool own_shard = saved_world == world && model.zero_stage() == 1 &&
+                               access((ckpt.dir + strformat("/optim_rank%d.bin", rank)).c_str(), F_OK) == 0;
         ModelFile m = read_model_file(ckpt.dir + "/model.bin");
         model.set_params(m.params);
-        if (model.zero_stage() == 1) {
+        if (own_shard) {
             read_optimizer_shard(ckpt.dir + strformat("/optim_rank%d.bin", rank), model, world, rank);
         } else {
             std::vector<float> mm, vv;
-            read_optimizer(ckpt.dir + "/optim.bin", model.num_params(), mm, vv);
-            model.set_moments(0, mm);
-            model.set_moments(1, vv);
+            read_full_optimizer(ckpt.dir, saved_world, model.num_params(), mm, vv);
+            if (model.zero_stage() == 1) {  // this rank's piece of the padded layout (padding: 0)
+                auto piece = [&](const std::vector<float>& all) {
+                    std::vector<float> p(model.shard_size(), 0.f);
+                    for (size_t i = 0; i < p.size() && model.shard_begin() + i < all.size(); i++) p[i] = all[model.shard_begin() + i];
+                    return p;
+                };
+                model.set_shard_moments(0, piece(mm));
+                model.set_shard_moments(1, piece(vv));
+            } else {
+                model.set_moments(0, mm);
+                model.set_moments(1, vv);
+            }
         }
         start_step = ckpt.state["step"].get<int>();
         train_state = ckpt.state["train_loader"].get<DataLoaderState>();
+        if (saved_world != world) {
+            train_state = rescale_loader_state(train_state, opt.batch, saved_world, world);
+            std::printf("resuming a run of %d rank(s) on %d\n", saved_world, world);
+        }
         sample_rng.state = ckpt.state["sample_rng"].get<uint64_t>();
         std::printf("resuming from %s at step %d\n", ckpt.dir.c_str(), start_step);
     } else if (!loaded.params.empty()) {

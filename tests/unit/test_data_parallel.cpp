@@ -27,6 +27,7 @@
 #include "data/shard.h"
 #include "fileio.h"
 #include "models/gpt.h"
+#include "models/model_file.h"
 #include "test_util.h"
 
 namespace {
@@ -467,7 +468,7 @@ bool have_train_binary() { return access(train_binary().c_str(), X_OK) == 0; }
 
 }  // namespace
 
-TEST(DataParallel, TrainTwoRanksResumesBitExactAndRefusesAnotherWorld) {
+TEST(DataParallel, TrainTwoRanksResumesBitExactAndOnAnotherWorld) {
     if (!have_train_binary()) GTEST_SKIP() << train_binary() << " not built";
     const TempDir temp("gpt_dp_test");
     const std::string root = temp.path, data = make_data(root);
@@ -489,11 +490,6 @@ TEST(DataParallel, TrainTwoRanksResumesBitExactAndRefusesAnotherWorld) {
         ASSERT_EQ(la.size(), 6u);
         EXPECT_EQ(la, lc);
         EXPECT_EQ(read_file(straight + "/ckpt_00000006/model.bin", "model"), read_file(resumed + "/ckpt_00000006/model.bin", "model"));
-        // another world size is refused with a clear message
-        CommandResult d = run_train(std::string(kTiny) + " --data " + data + " --zero " + std::to_string(zero) +
-                                    " --nproc 1 --steps 8 --out " + resumed + " --resume");
-        EXPECT_NE(d.exit_code, 0);
-        EXPECT_NE(d.err.find("written by 2 ranks"), std::string::npos) << d.err;
     }
     // one rank with the same total batch follows the same trajectory (up to summation order)
     const std::string one = root + "/one";
@@ -502,6 +498,31 @@ TEST(DataParallel, TrainTwoRanksResumesBitExactAndRefusesAnotherWorld) {
     auto l1 = logged_losses(one + "/log.jsonl"), l2 = logged_losses(root + "/straight0/log.jsonl");
     ASSERT_EQ(l1.size(), l2.size());
     for (auto& [step, text] : l1) EXPECT_NEAR(std::atof(text.c_str()), std::atof(l2[step].c_str()), 1e-4) << "step " << step;
+
+    // Resuming on another number of ranks and ZeRO stage continues the same run: 2 ranks (ZeRO-1)
+    // for 3 steps then 1 rank (ZeRO 0) matches the 1-rank run, and 1 rank then 2 ranks (ZeRO-1) the
+    // 2-rank run, up to summation order (AdamW amplifies it to ~1e-5 after a few steps). A lost
+    // optimizer state or data position would move the parameters by ~lr = 1e-2 of themselves.
+    struct Switch {
+        std::string first, second, reference;
+    };
+    int case_no = 0;
+    for (const Switch& sw : {Switch{" --nproc 2 --zero 1", " --nproc 1 --zero 0", one},
+                             Switch{" --nproc 1 --zero 0", " --nproc 2 --zero 1", root + "/straight1"}}) {
+        SCOPED_TRACE("from" + sw.first + " to" + sw.second);
+        const std::string dir = root + "/switch" + std::to_string(case_no++);
+        CommandResult f = run_train(std::string(kTiny) + " --data " + data + sw.first + " --out " + dir + " --stop-at 3");
+        ASSERT_EQ(f.exit_code, 0) << f.out << f.err;
+        CommandResult g = run_train(std::string(kTiny) + " --data " + data + sw.second + " --out " + dir + " --resume");
+        ASSERT_EQ(g.exit_code, 0) << g.out << g.err;
+        EXPECT_NE(g.out.find("resuming a run of"), std::string::npos) << g.out;
+        auto lr = logged_losses(sw.reference + "/log.jsonl"), ls = logged_losses(dir + "/log.jsonl");
+        ASSERT_EQ(ls.size(), 6u);
+        for (auto& [step, text] : lr) EXPECT_NEAR(std::atof(ls[step].c_str()), std::atof(text.c_str()), 1e-4) << "step " << step;
+        const std::vector<float> p = read_model_file(dir + "/ckpt_00000006/model.bin").params;
+        const std::vector<float> q = read_model_file(sw.reference + "/ckpt_00000006/model.bin").params;
+        EXPECT_LT(rel_err(p, q), 1e-4);
+    }
 }
 
 TEST(DataParallel, TrainRankFailureStopsEveryRank) {
