@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <set>
@@ -208,6 +209,50 @@ TEST(DataLoader, RestoreReproducesFollowingBatches) {
     }
     EXPECT_EQ(DataLoaderState({1, 0}), (nlohmann::json{{"epoch", 1}, {"batch_in_epoch", 0}}.get<DataLoaderState>()));
     EXPECT_THROW((nlohmann::json{{"epoch", 1}}.get<DataLoaderState>()), Error);
+}
+
+// Resume on another number of ranks: the rescaled state starts at the same window of the epoch.
+TEST(DataLoader, RescaledStateResumesAtTheSameWindowOnAnotherWorld) {
+    const int T = 4, B = 2;
+    Corpus corpus({4 * 48 + 1}, std::random_device{}());  // 48 windows
+    const uint64_t seed = std::random_device{}();
+    DataLoader one(corpus.pattern, B, T, 0, 1, seed, true, kVocab);  // the epoch's window order, B at a time
+    const std::vector<int64_t> order = take_batches(one, corpus, B, T, 20);
+    // 4 ranks take 3 global batches (24 windows)
+    std::vector<std::unique_ptr<DataLoader>> four;
+    for (int r = 0; r < 4; r++) {
+        four.push_back(std::make_unique<DataLoader>(corpus.pattern, B, T, r, 4, seed, true, kVocab));
+        take_batches(*four.back(), corpus, B, T, 3);
+    }
+    const DataLoaderState saved = four[0]->state();
+    ASSERT_EQ(saved, (DataLoaderState{0, 3}));
+    // ... then 2 ranks continue at window 24, and 1 rank too
+    const DataLoaderState on_two = rescale_loader_state(saved, B, 4, 2);
+    EXPECT_EQ(on_two, (DataLoaderState{0, 6}));
+    std::vector<std::unique_ptr<DataLoader>> two;
+    for (int r = 0; r < 2; r++) {
+        two.push_back(std::make_unique<DataLoader>(corpus.pattern, B, T, r, 2, seed, true, kVocab));
+        two.back()->restore(on_two);
+    }
+    for (int step = 0; step < 2; step++) {
+        std::vector<int64_t> joined;
+        for (auto& loader : two) {
+            auto part = take_batch(*loader, corpus, B, T);
+            joined.insert(joined.end(), part.begin(), part.end());
+        }
+        const auto first = order.begin() + 24 + 4 * step;
+        EXPECT_EQ(joined, std::vector<int64_t>(first, first + 4)) << "step " << step;
+    }
+    DataLoader alone(corpus.pattern, B, T, 0, 1, seed, true, kVocab);
+    alone.restore(rescale_loader_state(saved, B, 4, 1));
+    EXPECT_EQ(take_batch(alone, corpus, B, T), std::vector<int64_t>(order.begin() + 24, order.begin() + 26));
+    // 3 batches of 2 ranks (12 windows) are not a whole number of 4-rank batches (8 windows)
+    try {
+        rescale_loader_state(DataLoaderState{0, 3}, B, 2, 4);
+        ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("not a whole batch of 4 ranks"), std::string::npos) << e.what();
+    }
 }
 
 TEST(DataLoader, RestoreRejectsStateBeyondEpoch) {
