@@ -34,7 +34,7 @@ void add_train_options(CLI::App& app, TrainOptions& o) {
     app.add_option("--batch", o.batch, "micro-batch size B (default 8 on CPU, 16 on CUDA)");
     app.add_option("--seq", o.seq, "sequence length T (default 64 on CPU, 512 on CUDA)");
     app.add_option("--total-batch", o.total_batch, "tokens per optimizer step; gradient accumulation makes up the rest (default B*T)");
-    app.add_option("--steps", o.steps, "optimizer steps (default 200 on CPU, 400 on CUDA)");
+    app.add_option("--steps", o.steps, "optimizer steps (default 500 on CPU, 400 on CUDA)");
     app.add_option("--stop-at", o.stop_at, "stop (with a checkpoint) after this step, as if interrupted; --resume continues");
     app.add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
     app.add_option("--warmup", o.warmup, "linear warmup steps (default steps/20)");

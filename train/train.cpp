@@ -56,7 +56,7 @@ void resolve_defaults(TrainOptions& o, bool cuda) {
     if (o.model.empty()) o.model = cuda ? "d6" : "tiny";
     if (o.batch == 0) o.batch = cuda ? 16 : 8;
     if (o.seq == 0) o.seq = cuda ? 512 : 64;
-    if (o.steps == 0) o.steps = cuda ? 400 : 200;
+    if (o.steps == 0) o.steps = cuda ? 400 : 500;
     if (o.total_batch == 0) o.total_batch = (long)o.batch * o.seq;
     if (o.warmup == 0) o.warmup = std::max(1, o.steps / 20);
     if (o.data.empty()) o.data = default_data_dir();
