@@ -691,19 +691,7 @@ private:
               "or 128", name_.c_str(), s.d);
         CHECK(s.B >= 1 && s.H >= 1 && s.T >= 1 && s.H <= 65535 && s.B <= 65535,
               "%s attention: bad shape B=%d H=%d T=%d", name_.c_str(), s.B, s.H, s.T);
-        const DType dt = ts.begin()->second.dtype;
-        for (const auto& [what, t] : ts) {
-            CHECK(t.ptr != nullptr, "%s attention: tensor %s is null", name_.c_str(), what);
-            CHECK(t.dtype == dt, "%s attention: tensor %s is %s but %s is %s", name_.c_str(), what,
-                  dtype_name(t.dtype), ts.begin()->first, dtype_name(dt));
-            if (dt == DType::BF16)
-                CHECK(reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.sb % 8 == 0 &&
-                          t.sh % 8 == 0 && t.st % 8 == 0,
-                      "%s attention: bf16 tensor %s must be 16-byte aligned with strides that are "
-                      "multiples of 8 elements (got sb=%lld sh=%lld st=%lld)",
-                      name_.c_str(), what, (long long)t.sb, (long long)t.sh, (long long)t.st);
-        }
-        return dt;
+        return attention_dtype(name_.c_str(), ts, true);
     }
 
     std::string name_;

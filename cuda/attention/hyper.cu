@@ -1475,18 +1475,7 @@ private:
         CHECK((int64_t)s.rows() < (int64_t)INT32_MAX, "hyper attention: B*H*T must fit in 32-bit indices (B=%d H=%d T=%d)",
               s.B, s.H, s.T);
         CHECK((int64_t)s.B * s.H <= 65535, "hyper attention: B*H = %d exceeds the grid's 65535", s.B * s.H);
-        const DType dt = ts.begin()->second.dtype;
-        for (const auto& [what, t] : ts) {
-            CHECK(t.ptr != nullptr, "hyper attention: tensor %s is null", what);
-            CHECK(t.dtype == dt, "hyper attention: tensor %s is %s but %s is %s", what, dtype_name(t.dtype),
-                  ts.begin()->first, dtype_name(dt));
-            if (dt == DType::BF16)  // rows are read with 16-byte copies
-                CHECK(reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.sb % 8 == 0 && t.sh % 8 == 0 && t.st % 8 == 0,
-                      "hyper attention: bf16 tensor %s must be 16-byte aligned with strides that are multiples of 8 "
-                      "elements (got sb=%lld sh=%lld st=%lld)",
-                      what, (long long)t.sb, (long long)t.sh, (long long)t.st);
-        }
-        return dt;
+        return attention_dtype("hyper", ts, true);
     }
 
     AttnConfig cfg_;

@@ -806,14 +806,9 @@ private:
         CHECK(s.B >= 1 && s.H >= 1 && s.T >= 1 && s.d >= 1 && (int64_t)s.B * s.H <= 65535 &&
                   ceil_div(s.T, kChunk) <= 65535,
               "performer attention (CUDA): bad shape B=%d H=%d T=%d d=%d", s.B, s.H, s.T, s.d);
-        const DType dt = ts.begin()->second.dtype;
+        const DType dt = attention_dtype("performer", ts, false);
         CHECK(dt == DType::BF16 || dt == DType::F32, "performer attention (CUDA): dtype %s not supported",
               dtype_name(dt));
-        for (const auto& [what, t] : ts) {
-            CHECK(t.ptr != nullptr, "performer attention: tensor %s is null", what);
-            CHECK(t.dtype == dt, "performer attention: tensor %s is %s but %s is %s", what,
-                  dtype_name(t.dtype), ts.begin()->first, dtype_name(dt));
-        }
         return dt;
     }
 

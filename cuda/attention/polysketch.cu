@@ -1241,13 +1241,7 @@ private:
         CHECK(s.d == 64 || s.d == 128,
               "polysketch attention (CUDA): head dim d=%d is not supported; use n_embd/n_head = 64 or 128", s.d);
         CHECK(s.B >= 1 && s.H >= 1 && s.T >= 1, "polysketch attention: bad shape B=%d H=%d T=%d", s.B, s.H, s.T);
-        const DType dt = ts.begin()->second.dtype;
-        for (const auto& [what, t] : ts) {
-            CHECK(t.ptr != nullptr, "polysketch attention: tensor %s is null", what);
-            CHECK(t.dtype == dt, "polysketch attention: tensor %s is %s but %s is %s", what, dtype_name(t.dtype),
-                  ts.begin()->first, dtype_name(dt));
-        }
-        return dt;
+        return attention_dtype("polysketch", ts, false);
     }
 
     AttnConfig cfg_;
