@@ -22,6 +22,7 @@
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "fileio.h"
+#include "options.h"
 
 namespace {
 
@@ -141,15 +142,7 @@ int main(int argc, char** argv) {
     app.add_option("--shard-tokens", opt.shard_tokens, "tokens per shard file")->capture_default_str();
     app.add_option("files", opt.files, "text files, one document each (instead of --brown)");
     try {
-        app.parse(argc, argv);
-    } catch (const CLI::CallForHelp& e) {
-        return app.exit(e);
-    } catch (const CLI::ParseError& e) {
-        std::fprintf(stderr, "error: %s (see --help)\n", e.what());
-        return 1;
-    }
-
-    try {
+        if (!parse_command_line(app, argc, argv)) return 0;
         prepare(opt);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());

@@ -1,6 +1,8 @@
 // The option table (see options.h).
 #include "options.h"
 
+#include <cstdio>
+
 #include "check.h"
 
 void add_attention_options(CLI::App& app, TrainOptions& o) {
@@ -58,6 +60,18 @@ void add_train_options(CLI::App& app, TrainOptions& o) {
     app.add_option("--comm", o.comm, "communicator: auto (nccl on GPUs, shm on the CPU), single, shm, nccl")->check(CLI::IsMember({"auto", "single", "shm", "nccl"}))->capture_default_str();
     app.add_option("--comm-timeout", o.comm_timeout, "seconds a rank waits for the others (rendezvous, collectives) before exiting with an error")->capture_default_str();
     app.add_option("--bucket-grads", o.bucket_grads, "ZeRO 0: all-reduce the gradients per layer, overlapped with the backward (true), or in one collective after it (false)")->capture_default_str();
+}
+
+bool parse_command_line(CLI::App& app, int argc, char** argv) {
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+        std::printf("%s", app.help().c_str());
+        return false;
+    } catch (const CLI::ParseError& e) {
+        FAIL("%s (see --help)", e.what());
+    }
+    return true;
 }
 
 AttnConfig attention_config(const TrainOptions& o) {

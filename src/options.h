@@ -71,6 +71,9 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(TrainOptions, device, precision,
     sample_every, sample_tokens, out, ckpt_every, keep, resume, seed, nproc, zero, comm, comm_timeout, bucket_grads)
 
 void add_train_options(CLI::App& app, TrainOptions& o);
+// Parses a program's command line: false after printing --help (the program then exits 0); a bad
+// or contradicting option fails with one line (Error) naming it and pointing to --help.
+bool parse_command_line(CLI::App& app, int argc, char** argv);
 void add_attention_options(CLI::App& app, TrainOptions& o);
 AttnConfig attention_config(const TrainOptions& o);
 // Options that may differ when resuming (they do not change the training trajectory).

@@ -252,14 +252,7 @@ int run(int argc, char** argv) {
     app.add_option("--warmup", tool.warmup, "untimed runs before timing")->capture_default_str();
     app.add_flag("--csv", tool.csv, std::string("with --bench, also print one CSV line: ") + kCsvHeader);
     app.add_flag("--csv-header", tool.csv_header, "print the CSV header line of --csv and exit");
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::CallForHelp& e) {
-        std::printf("%s", app.help().c_str());
-        return 0;
-    } catch (const CLI::ParseError& e) {
-        FAIL("%s (see --help)", e.what());
-    }
+    if (!parse_command_line(app, argc, argv)) return 0;
     if (tool.csv_header) {
         std::printf("%s\n", kCsvHeader);
         return 0;

@@ -245,14 +245,7 @@ int run(int argc, char** argv) {
     CLI::App app{"Train a GPT on token shards (see README.md)."};
     TrainOptions opt;
     add_train_options(app, opt);
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::CallForHelp& e) {
-        std::printf("%s", app.help().c_str());
-        return 0;
-    } catch (const CLI::ParseError& e) {
-        FAIL("%s (see --help)", e.what());
-    }
+    if (!parse_command_line(app, argc, argv)) return 0;
 
     // ---- ranks: --nproc starts them here; torchrun / mpirun started this one
     const Launch launch = discover_launch();
