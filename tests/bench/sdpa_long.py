@@ -18,21 +18,10 @@ import argparse
 import sys
 import time
 
+from cuda_timing import median_ms
+
 HEADER = "impl,device,precision,B,H,T,d,fwd_ms,fwdbwd_ms,fwd_tflops,fwdbwd_tflops,peak_mib,status"
 DEFAULT_T = [32768, 131072, 65536, 16384, 8192, 4096, 2048, 1024]
-
-
-def median_ms(torch, fn, reps):
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def bench_one(torch, F, backend, B, H, T, d, repeats, warmup):

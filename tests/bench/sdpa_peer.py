@@ -11,20 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def median_ms(fn, warmup=3, reps=25):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    times.sort()
-    return times[len(times) // 2]
+from cuda_timing import median_ms
 
 
 def main():
@@ -54,8 +41,8 @@ def main():
                             q.grad = k.grad = v.grad = None
                             o.backward(do)
 
-                        fwd_ms = median_ms(fwd)
-                        fb_ms = median_ms(fwd_bwd)
+                        fwd_ms = median_ms(torch, fwd, reps=25, warmup=3)
+                        fb_ms = median_ms(torch, fwd_bwd, reps=25, warmup=3)
                     print(f"{name},{d},{T},{B},{H},{fwd_ms:.3f},{flops / fwd_ms / 1e9:.1f},"
                           f"{fb_ms:.3f},{3.5 * flops / fb_ms / 1e9:.1f}", flush=True)
                 except Exception as ex:  # a backend missing on this machine: say so, go on
