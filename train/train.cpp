@@ -119,20 +119,30 @@ void write_optimizer_shard(const std::string& path, const GPT& model, int world,
     bytes.append(reinterpret_cast<const char*>(v.data()), v.size() * 4);
     write_file_atomic(path, bytes);
 }
-void read_optimizer_shard(const std::string& path, GPT& model, int world, int rank) {
+// One rank's shard file, checked against what the reader expects (the writer's world and rank, n
+// parameters, the shard starting at `begin` of the padded layout); its m and v.
+void read_shard_file(const std::string& path, int world, int rank, size_t n, size_t begin, std::vector<float>& m,
+                     std::vector<float>& v) {
     std::string bytes = read_file(path, "optimizer shard");
     CHECK(bytes.size() >= 48, "%s: truncated optimizer shard", path.c_str());
     const int64_t* h = reinterpret_cast<const int64_t*>(bytes.data());
     CHECK(h[0] == (((int64_t)kOptimMagic << 8) | 2), "%s: not an optimizer shard file (wrong magic or version)", path.c_str());
-    CHECK(h[1] == world && h[2] == rank && h[3] == (int64_t)model.num_params() && h[4] == (int64_t)model.shard_begin() &&
-              h[5] == (int64_t)model.shard_size(),
-          "%s: shard of rank %lld/%lld over %lld parameters does not match rank %d/%d over %zu", path.c_str(), (long long)h[2],
-          (long long)h[1], (long long)h[3], rank, world, model.num_params());
-    const size_t n = model.shard_size();
-    CHECK(bytes.size() == 48 + 8 * n, "%s: truncated optimizer shard (%zu bytes, expected %zu)", path.c_str(), bytes.size(), 48 + 8 * n);
-    std::vector<float> m(n), v(n);
-    std::memcpy(m.data(), bytes.data() + 48, n * 4);
-    std::memcpy(v.data(), bytes.data() + 48 + n * 4, n * 4);
+    CHECK(h[1] == world && h[2] == rank && h[3] == (int64_t)n && h[4] == (int64_t)begin,
+          "%s: shard of rank %lld/%lld at %lld over %lld parameters does not match rank %d/%d at %zu over %zu",
+          path.c_str(), (long long)h[2], (long long)h[1], (long long)h[4], (long long)h[3], rank, world, begin, n);
+    const size_t size = (size_t)h[5];
+    CHECK(bytes.size() == 48 + 8 * size, "%s: truncated optimizer shard (%zu bytes, expected %zu)", path.c_str(),
+          bytes.size(), 48 + 8 * size);
+    const float* data = reinterpret_cast<const float*>(bytes.data() + 48);
+    m.assign(data, data + size);
+    v.assign(data + size, data + 2 * size);
+}
+// This rank's shard, written by the same layout (same world).
+void read_optimizer_shard(const std::string& path, GPT& model, int world, int rank) {
+    std::vector<float> m, v;
+    read_shard_file(path, world, rank, model.num_params(), model.shard_begin(), m, v);
+    CHECK(m.size() == model.shard_size(), "%s: shard of %zu values, this rank's shard has %zu", path.c_str(), m.size(),
+          model.shard_size());
     model.set_shard_moments(0, m);
     model.set_shard_moments(1, v);
 }
@@ -148,22 +158,11 @@ void read_full_optimizer(const std::string& dir, int world, size_t n, std::vecto
     }
     m.clear();
     v.clear();
+    std::vector<float> shard_m, shard_v;
     for (int r = 0; r < world; r++) {
-        const std::string path = dir + strformat("/optim_rank%d.bin", r);
-        std::string bytes = read_file(path, "optimizer shard");
-        CHECK(bytes.size() >= 48, "%s: truncated optimizer shard", path.c_str());
-        const int64_t* h = reinterpret_cast<const int64_t*>(bytes.data());
-        CHECK(h[0] == (((int64_t)kOptimMagic << 8) | 2), "%s: not an optimizer shard file (wrong magic or version)", path.c_str());
-        CHECK(h[1] == world && h[2] == r && h[3] == (int64_t)n && h[4] == (int64_t)m.size(),
-              "%s: shard of rank %lld/%lld at %lld over %lld parameters does not continue the shards before it "
-              "(rank %d/%d at %zu over %zu)", path.c_str(), (long long)h[2], (long long)h[1], (long long)h[4],
-              (long long)h[3], r, world, m.size(), n);
-        const size_t size = (size_t)h[5];
-        CHECK(bytes.size() == 48 + 8 * size, "%s: truncated optimizer shard (%zu bytes, expected %zu)", path.c_str(),
-              bytes.size(), 48 + 8 * size);
-        const float* data = reinterpret_cast<const float*>(bytes.data() + 48);
-        m.insert(m.end(), data, data + size);
-        v.insert(v.end(), data + size, data + 2 * size);
+        read_shard_file(dir + strformat("/optim_rank%d.bin", r), world, r, n, m.size(), shard_m, shard_v);
+        m.insert(m.end(), shard_m.begin(), shard_m.end());
+        v.insert(v.end(), shard_v.begin(), shard_v.end());
     }
     CHECK(m.size() >= n && m.size() - n < (size_t)world, "%s: the %d optimizer shards hold %zu values for %zu parameters",
           dir.c_str(), world, m.size(), n);
