@@ -145,61 +145,9 @@ __device__ __forceinline__ void load_frag_b_kn(uint32_t (&b)[4], const bf16* til
         ((lane & 7) + (((lane >> 3) & 1) << 3)) * D + (((lane >> 4) ^ (lane & 7)) << 3);
     ldmatrix_x4_trans(b, tile + k0 * D + (lane_off ^ n0));
 }
-// acc (16 x N) += A[r0 : r0+16, 0:D] · Bt[0:N, 0:D]ᵀ   (both row-major tiles with D columns)
-template <int D, int N>
-__device__ __forceinline__ void warp_gemm_abt(float (&acc)[N / 8][4], const bf16* tile_a, int r0,
-                                              const bf16* tile_bt, int lane) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        load_frag_a<D>(a, tile_a, r0, kk * 16, lane);
-#pragma unroll
-        for (int nn = 0; nn < N / 16; ++nn) {
-            uint32_t b[4];
-            load_frag_b_nk<D>(b, tile_bt, nn * 16, kk * 16, lane);
-            mma_bf16(acc[2 * nn], a, b[0], b[1]);
-            mma_bf16(acc[2 * nn + 1], a, b[2], b[3]);
-        }
-    }
-}
-// Same with the A operand already in registers (the forward keeps its Q tile there).
-template <int D, int N>
-__device__ __forceinline__ void warp_gemm_abt_regs(float (&acc)[N / 8][4],
-                                                   const uint32_t (&a)[D / 16][4],
-                                                   const bf16* tile_bt, int lane) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-        for (int nn = 0; nn < N / 16; ++nn) {
-            uint32_t b[4];
-            load_frag_b_nk<D>(b, tile_bt, nn * 16, kk * 16, lane);
-            mma_bf16(acc[2 * nn], a[kk], b[0], b[1]);
-            mma_bf16(acc[2 * nn + 1], a[kk], b[2], b[3]);
-        }
-}
-// acc (16 x D) += P (16 x K, an accumulator-layout register tile, rounded to bf16) · tile[0:K, 0:D]
-template <int D, int K>
-__device__ __forceinline__ void warp_gemm_pv(float (&acc)[D / 8][4], const float (&p)[K / 8][4],
-                                             const bf16* tile, int lane) {
-#pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-        const uint32_t a[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
-                               pack_bf16(p[2 * kk][2], p[2 * kk][3]),
-                               pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                               pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
-            uint32_t b[4];
-            load_frag_b_kn<D>(b, tile, kk * 16, dn * 16, lane);
-            mma_bf16(acc[2 * dn], a, b[0], b[1]);
-            mma_bf16(acc[2 * dn + 1], a, b[2], b[3]);
-        }
-    }
-}
-
-// ---------------------------------------------------------------- kM row tiles per warp
-// The same products for a warp that owns kM m16 row tiles (rows r0 + 16m .. r0 + 16m + 15,
-// m < kM): every B fragment is loaded once and used for all kM row tiles.
+// ---------------------------------------------------------------- warp products
+// The products of a warp that owns kM m16 row tiles (rows r0 + 16m .. r0 + 16m + 15, m < kM):
+// every B fragment is loaded once and used for all kM row tiles (kM = 1: one 16-row tile).
 
 // acc[m] (16 x N) += A[r0+16m : r0+16m+16, 0:D] · Bt[0:N, 0:D]ᵀ   (A and Bt in shared memory)
 template <int D, int N, int kM>
