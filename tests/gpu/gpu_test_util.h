@@ -11,6 +11,7 @@
 #endif
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -172,6 +173,13 @@ inline double rel_err_floor(const std::vector<float>& got, const std::vector<flo
         norm += (double)ref[i] * ref[i];
     }
     return std::sqrt(diff) / std::max(std::sqrt(norm), floor_rms * std::sqrt((double)ref.size()));
+}
+
+// Root mean square of x in double (0 for an empty x): the scale of a tensor, for rel_err_floor.
+inline double rms(const std::vector<float>& x) {
+    double sum = 0.0;
+    for (float v : x) sum += (double)v * v;
+    return std::sqrt(sum / std::max<size_t>(1, x.size()));
 }
 
 inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {

@@ -18,7 +18,6 @@
 // denominator (rel_err_floor): the plain relative error wherever the gradient is not vanishing.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
@@ -105,9 +104,7 @@ TEST_P(FlashAttentionVsCpu, ForwardLseAndGradients) {
     const double tol_lse = bf16 ? 1e-3 : 1e-5;  // the LSE is fp32 in both modes
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
     EXPECT_LE(rel_err(gpu.saved, cpu.saved), tol_lse) << "lse";
-    double dv2 = 0.0;
-    for (float x : cpu.dv) dv2 += (double)x * x;
-    const double floor_rms = 1e-2 * std::sqrt(dv2 / std::max<size_t>(1, cpu.dv.size()));
+    const double floor_rms = 1e-2 * gpu_test::rms(cpu.dv);
     EXPECT_LE(gpu_test::rel_err_floor(gpu.dq, cpu.dq, floor_rms), tol) << "dq";
     EXPECT_LE(gpu_test::rel_err_floor(gpu.dk, cpu.dk, floor_rms), tol) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol) << "dv";

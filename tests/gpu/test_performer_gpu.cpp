@@ -114,9 +114,7 @@ void expect_close(const PerfCase& c, const AttnResult& gpu, const AttnResult& cp
     EXPECT_LE(rel_err(slice(gpu.saved, 2, rows), slice(cpu.saved, 2, rows)), tol.saved) << "saved ck";
     // At T=1, o = v exactly, so dq and dk are zero by math and both sides hold rounding noise
     // only: measure them against a floor of 10% of dv's rms (far below dq's size when T > 1).
-    double dv_rms = 0.0;
-    for (float x : cpu.dv) dv_rms += (double)x * x;
-    const double floor_rms = std::max(1e-3, 0.1 * std::sqrt(dv_rms / std::max<size_t>(1, cpu.dv.size())));
+    const double floor_rms = std::max(1e-3, 0.1 * gpu_test::rms(cpu.dv));
     EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, floor_rms), tol.dq) << "dq";
     EXPECT_LE(rel_err_floor(gpu.dk, cpu.dk, floor_rms), tol.out) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol.out) << "dv";
