@@ -21,6 +21,7 @@
 #include "attention.h"
 #include "attention/cpu_variants.h"
 #include "attention/hyper_plan.h"
+#include "attention/cpu_row_math.h"
 #include "check.h"
 
 namespace {
@@ -34,12 +35,6 @@ std::vector<double> gather_head(HeadView<const T> x, int b, int h, int num_rows,
         for (int c = 0; c < d; c++) out[(size_t)t * d + c] = src[c];
     }
     return out;
-}
-
-double dot(const double* a, const double* b, int d) {
-    double sum = 0;
-    for (int c = 0; c < d; c++) sum += a[c] * b[c];
-    return sum;
 }
 
 const double kNegInf = -std::numeric_limits<double>::infinity();

@@ -11,6 +11,7 @@
 #include <map>
 
 #include "attention/cpu_variants.h"
+#include "attention/cpu_row_math.h"
 #include "check.h"
 #include "rng.h"
 
@@ -61,11 +62,6 @@ namespace {
 
 constexpr double kMinDenominator = 1e-30;  // R_i at or below this: o_i = 0, no gradient
 
-template <typename T>
-T* row_ptr(const HeadTensor& x, int b, int h, int t) {
-    return static_cast<T*>(x.ptr) + b * x.sb + h * x.sh + (int64_t)t * x.st;
-}
-
 // One (b, h) head's inputs scaled and its features. x̃ (T, d) = d^(-1/4)·x; e (T, m) = exp(a − c)
 // (the exp part); phi (T, m) = m^(-1/2)·(e + ε).
 template <typename T>
@@ -109,13 +105,6 @@ void finish_features(Features<T>& F, const T* c, int n, int m, T epsilon) {
             e = std::exp(e - c[t]);
             F.phi[(size_t)t * m + f] = phi_scale * (e + epsilon);
         }
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int n) {
-    T s = 0;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
 }
 
 // Through the feature map: dx = d^(-1/4)·(Ωᵀ(dφ∘m^(-1/2)e) − x̃·Σ_f dφ_f·m^(-1/2)e_f), stabiliser

@@ -10,30 +10,12 @@
 #include <vector>
 
 #include "attention/cpu_variants.h"
+#include "attention/cpu_row_math.h"
 #include "check.h"
 
 namespace {
 
 constexpr double kLayerNormEps = 1e-5;
-
-template <typename T>
-T* row_ptr(const HeadTensor& x, int b, int h, int t) {
-    return static_cast<T*>(x.ptr) + b * x.sb + h * x.sh + (int64_t)t * x.st;
-}
-
-template <typename T>
-T ipow(T x, int p) {
-    T r = 1;
-    for (int i = 0; i < p; i++) r *= x;
-    return r;
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int n) {
-    T s = 0;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 // mean and rstd (T) of one head's rows of x (B, H, T, d)
 template <typename T>
@@ -102,7 +84,7 @@ void polynomial_attention_forward(const AttnShape& s, int degree, HeadTensor o, 
                 std::fill(acc.begin(), acc.end(), (T)0);
                 T denom = 1;
                 for (int j = 0; j <= i; j++) {
-                    const T w = ipow(dot(&qh[(size_t)i * d], &kh[(size_t)j * d], d), degree);
+                    const T w = int_pow(dot(&qh[(size_t)i * d], &kh[(size_t)j * d], d), degree);
                     denom += w;
                     const T* vj = row_ptr<T>(v, b, h, j);
                     for (int c = 0; c < d; c++) acc[c] += w * vj[c];
@@ -138,7 +120,7 @@ void polynomial_attention_backward(const AttnShape& s, int degree, HeadTensor dq
                 for (int j = 0; j <= i; j++) {
                     const T* kj = &kh[(size_t)j * d];
                     const T score = dot(qi, kj, d);
-                    const T pw = ipow(score, degree - 1);
+                    const T pw = int_pow(score, degree - 1);
                     const T a = pw * score / D[i];  // w_ij / D_i
                     const T ds = degree * pw * (dot(doi, row_ptr<T>(v, b, h, j), d) - delta) / D[i];
                     T* dkj = &dkh[(size_t)j * d];

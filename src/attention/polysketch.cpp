@@ -27,23 +27,10 @@
 
 #include "attention/cpu_variants.h"
 #include "attention/polysketch_sketch.h"
+#include "attention/cpu_row_math.h"
 #include "check.h"
 
 namespace {
-
-template <typename Real>
-Real int_pow(Real x, int p) {
-    Real y = 1;
-    for (int i = 0; i < p; i++) y *= x;
-    return y;
-}
-
-template <typename Real>
-Real dot(const Real* a, const Real* b, int n) {
-    Real s = 0;
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 // Applies the sketch M (learned or random) to one row at a time, holding the scratch of one
 // thread; backward() is the gradient of the last forward().
