@@ -15,14 +15,15 @@ DATA=${DATA:-.data/brown}
 STEPS=${STEPS:-150}
 mkdir -p "$OUT"
 what=${*:-default d12 variants}
-summary() {  # name log: first/last train loss, first/last val loss, median tok/s
+summary() {  # name log: first/last train loss, first/last val loss ("-" without), median tok/s
     python3 - "$1" "$2" <<'PY'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 tr = [r for r in rows if "loss" in r]; va = [r for r in rows if "val_loss" in r]
 tok = statistics.median(r["tokens_per_s"] for r in tr[3:]) if len(tr) > 3 else float("nan")
-print(f"| {sys.argv[1]} | {len(tr)} | {tr[0]['loss']:.3f} -> {tr[-1]['loss']:.3f} | "
-      f"{va[0]['val_loss']:.3f} -> {va[-1]['val_loss']:.3f} (min {min(r['val_loss'] for r in va):.3f}) | {tok:,.0f} |")
+val = (f"{va[0]['val_loss']:.3f} -> {va[-1]['val_loss']:.3f} (min {min(r['val_loss'] for r in va):.3f})"
+       if va else "-")
+print(f"| {sys.argv[1]} | {len(tr)} | {tr[0]['loss']:.3f} -> {tr[-1]['loss']:.3f} | {val} | {tok:,.0f} |")
 PY
 }
 table=""
@@ -64,15 +65,8 @@ long)
             --steps "${LONG_STEPS:-12}" --warmup 2 --lr 1e-3 --eval-every 0 --sample-every 0 --ckpt-every 0 \
             --data "$DATA" --out /tmp/long_$v > "$OUT/long_$v.txt" 2>&1
         echo "long $v (T=131072): exit $?"; grep -iE "memory plan|total|peak|error" "$OUT/long_$v.txt" | head -6
-        if [ -f /tmp/long_$v/log.jsonl ]; then
-            cp /tmp/long_$v/log.jsonl "$OUT/long_$v.jsonl"
-            python3 - "$v" "$OUT/long_$v.jsonl" <<'PY'
-import json, sys, statistics
-tr = [json.loads(l) for l in open(sys.argv[2]) if '"loss"' in l]
-tok = statistics.median(r["tokens_per_s"] for r in tr[2:]) if len(tr) > 2 else float("nan")
-print(f"long {sys.argv[1]}: {len(tr)} steps, train loss {tr[0]['loss']:.3f} -> {tr[-1]['loss']:.3f}, {tok:,.0f} tok/s")
-PY
-        fi
+        [ -f /tmp/long_$v/log.jsonl ] && cp /tmp/long_$v/log.jsonl "$OUT/long_$v.jsonl" &&
+            table+="$(summary "long $v" "$OUT/long_$v.jsonl")"$'\n'
     done ;;
 esac; done
 echo; echo "| run | steps | train loss | val loss | tokens/s |"; echo "|---|---:|---|---|---:|"; printf "%s" "$table"
