@@ -66,11 +66,12 @@
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/common.cuh"
 #include "cuda/attention/strided.cuh"
+#include "cuda/attention/polysketch_sketch_tc.cuh"
 #include "cuda/attention/tf32_block_gemm.cuh"
 
 namespace {
 
-constexpr float kLnEps = 1e-5f;
+constexpr float kLnEps = ps_tc::kLnEps;
 constexpr int kWarps = 8;            // warps per block of the row-per-warp kernels
 constexpr int64_t kSketchChunkFloats = int64_t(1) << 27;  // chunk buffers of the learned sketch (512 MB)
 constexpr int kGradSliceRows = 512;  // rows per partial of the sketch-parameter gradient
@@ -93,15 +94,8 @@ __device__ __forceinline__ float ipow(float x, int p) {
     return r;
 }
 
-__device__ __forceinline__ float gelu_f(float x) {
-    const float c = 0.7978845608028654f, a = 0.044715f;
-    return 0.5f * x * (1.f + tanhf(c * (x + a * x * x * x)));
-}
-__device__ __forceinline__ float gelu_grad_f(float x) {
-    const float c = 0.7978845608028654f, a = 0.044715f;
-    const float t = tanhf(c * (x + a * x * x * x));
-    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * a * x * x);
-}
+using ps_tc::gelu;  // the tanh approximation, as the CPU reference
+using ps_tc::gelu_grad;
 
 __device__ __forceinline__ int64_t warp_row() {
     return (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -110,6 +104,7 @@ __device__ __forceinline__ int64_t warp_row() {
 // Problem sizes every kernel needs.
 struct Dims {
     int H, T, d, r, rp, e, block, L, degree;  // rp = r(r+1)/2 features of a state, e = d + 1, L = number of blocks
+    int rpp, ldy;  // bf16 row strides: of Φ (rp rounded up to 8), of C, G and the states (e rounded up to 8)
     int64_t rows;                         // B·H·T
     int64_t bh_count;                     // B·H
 };
@@ -178,6 +173,12 @@ template <typename T>
 __global__ void ps_params_to_f32(float* p, const T* src, int64_t n) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) p[i] = to_f32(src[i]);
+}
+// p16 (n) = p32 rounded to bf16 (exact for parameters stored in bf16): the weights of the
+// tensor-core sketch kernels
+__global__ void ps_params_to_bf16(bf16* p16, const float* p32, int64_t n) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) p16[i] = __float2bfloat16(p32[i]);
 }
 // dst (count) += Σ_s part[s, :] in slice order
 __global__ void ps_reduce_slices(float* dst, const float* part, int slices, int64_t count) {
@@ -269,7 +270,7 @@ __global__ void __launch_bounds__(kThreads)
                 return i < nr ? ps_ln_affine(x[(int64_t)i * n + k], s_mean[i], s_rstd[i], ln_w[k], ln_b[k]) : 0.f;
             },
             [&](int k, int j) { return j < hk ? w_in[(int64_t)(h0 + j) * n + k] : 0.f; });
-        for_tile(acc_h, [&](int i, int j, float v) { act[i][j] = gelu_f(v); });
+        for_tile(acc_h, [&](int i, int j, float v) { act[i][j] = gelu(v); });
         __syncthreads();
 #pragma unroll
         for (int ot = 0; ot < kOutTiles; ot++)
@@ -338,8 +339,8 @@ __global__ void __launch_bounds__(kThreads)
             [&](int k, int j) { return j < hk ? w_out[(int64_t)k * hid + h0 + j] : 0.f; });
         // rows ≥ nr and units ≥ hk have pre = dact = 0: act = dh = 0 there
         for_tile2(acc_pre, acc_da, [&](int i, int j, float pre, float da) {
-            act[i][j] = gelu_f(pre);
-            dh[i][j] = da * gelu_grad_f(pre);
+            act[i][j] = gelu(pre);
+            dh[i][j] = da * gelu_grad(pre);
         });
         __syncthreads();
 #pragma unroll
@@ -578,6 +579,26 @@ __device__ __forceinline__ float feature(const float* x, int pr) {
     return (a == c ? 1.f : kSqrt2) * x[a] * x[c];
 }
 
+// bf16 storage runs the state products as cuBLAS bf16 GEMMs (fp32 accumulation) on materialised
+// features instead: Φ (n, rpp) bf16 of the rows X (n, r), columns rp.. zero. One thread per element.
+// With the bf16 copies below this replaced the TF32 block_gemm kernels (build and apply, 39% of
+// the time after the tensor-core sketch) in bf16 storage: see the top of the file.
+__global__ void ps_features_bf16(bf16* phi, const float* X, const int* pairs, Dims D, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * D.rpp) return;
+    const int64_t row = idx / D.rpp;
+    const int f = (int)(idx % D.rpp);
+    phi[idx] = __float2bfloat16(f < D.rp ? feature(X + row * D.r, pairs[f]) : 0.f);
+}
+// dst (n, ld) bf16 = src (n, w) fp32, columns w.. zero (C, G and the states). One thread per element.
+__global__ void ps_rows_to_bf16(bf16* dst, const float* src, int w, int ld, int64_t n) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * ld) return;
+    const int64_t row = idx / ld;
+    const int col = (int)(idx % ld);
+    dst[idx] = __float2bfloat16(col < w ? src[row * w + col] : 0.f);
+}
+
 // states (B·H, L, r(r+1)/2, e): block l of head bh <- Σ_{t∈l} φ(X_t) Y_tᵀ, X (rows, r), Y (rows, e):
 // block_gemm with A(i, k) = φ_i(X of the block's row k) computed by the loader (Φ is never stored),
 // B = Y. Grid (B·H·L, feature tiles × column tiles). Replaced Φ materialised by a kernel plus
@@ -764,7 +785,8 @@ int grid_of(int64_t n, int threads) { return ceil_div(n, threads); }
 
 // Offsets (floats) of everything in the workspace.
 struct WorkspacePlan {
-    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, cv, diag, p32, sk, total;
+    int64_t xh, rstd, M, C, G, states, dxh, dM, dC, pairs, cv, diag, p32, p16, sk, total;
+    int64_t phi, y16, s16;  // bf16 storage only: Φ of A and B (2·rows, rpp), C and G (2, rows, ldy), states (.., ldy)
     int64_t cv_blocks;  // blocks per run of the contraction GEMMs (cv holds cv_blocks·block rows of r(r+1)/2)
     int64_t diag_blocks, diag_floats;  // blocks per run of the diagonal-block GEMMs; floats of each of its 2 buffers
     int64_t sk_rows;  // rows per chunk of the learned sketch (0 for the random sketch)
@@ -791,11 +813,18 @@ struct WorkspacePlan {
         diag_floats = (diag_blocks * nb * nb + 63) / 64 * 64;
         diag = take(2 * diag_floats);
         p32 = take((int64_t)num_params);
+        p16 = take(((int64_t)num_params + 1) / 2);  // bf16 copy of the parameters
         // rows per chunk: as many as fit kSketchChunkFloats (at least 256), at most all 2·rows
         const int64_t per_row = SketchChunk((int)d, r, 64).total / 64;
         sk_rows = num_params ? std::min<int64_t>(2 * rows, std::max<int64_t>(256, kSketchChunkFloats / per_row)) : 0;
         sk = take(num_params ? SketchChunk((int)d, r, sk_rows).total : 0);
         skk = take(num_params ? 5 * 2 * rows * r : 0);
+        // bf16 copies for the state GEMMs of bf16 storage (allocated in fp32 mode too: the plan
+        // does not know the dtype); sizes in floats = bf16 elements / 2
+        const int64_t rpp = (rp + 7) / 8 * 8, ldy = (e + 7) / 8 * 8;
+        phi = take(rows * rpp);
+        y16 = take(rows * ldy);
+        s16 = take(((int64_t)s.B * s.H * L * rp * ldy + 1) / 2);
         total = off;
     }
 };
@@ -844,8 +873,8 @@ public:
         // plus the diagonal blocks' part; then o and the denominators from U
         float* U = ws + P.G;
         if (D.L > 1) {
-            build_states(D, P, ws, ws + P.states, ws + P.M + D.rows * D.r, ws + P.C, false);
-            apply_states(D, P, ws, U, ws + P.M, ws + P.states, 0.f);
+            build_states(D, P, ws, feat(ws, P, D, 1), val(ws, P, D, false), false);
+            apply_states(D, P, ws, U, feat(ws, P, D, 0), 0.f);
         }
         diag_forward(D, P, ws, U, D.L > 1 ? 1.f : 0.f);
         by_type(dt, [&](auto t_tag) {
@@ -872,10 +901,8 @@ public:
         set_math(dt);
         const float* sketch = prepare_sketch(s, ctx, params, ws, P);
         features(dt, D, q, k, v, ws, P, sketch);
-        float *xh = ws + P.xh, *M = ws + P.M, *C = ws + P.C, *G = ws + P.G, *states = ws + P.states;
+        float *xh = ws + P.xh, *G = ws + P.G;
         float *dxh = ws + P.dxh, *dM = ws + P.dM, *dC = ws + P.dC;
-        const float* A = M;
-        const float* Bk = M + D.rows * D.r;
         float* dA = dM;
         float* dB = dM + D.rows * D.r;
         by_type(dt, [&](auto t_tag) {
@@ -883,17 +910,21 @@ public:
             ps_out_grad<T><<<grid_of(D.rows, kWarps), 32 * kWarps>>>(G, strided(dout), strided(o), saved, D);
         });
         CUDA_LAUNCH_CHECK();
+        if (!split_) {
+            ps_rows_to_bf16<<<grid_of(D.rows * D.ldy, 256), 256>>>(y16(ws, P) + D.rows * D.ldy, G, D.e, D.ldy, D.rows);
+            CUDA_LAUNCH_CHECK();
+        }
         // the diagonal blocks: dC, and dq̂, dk̂ (exact_diag) or dA, dB (sketched), the other pair zeroed
         diag_backward(D, P, ws);
         if (D.L > 1) {
             // prefix Z from (B, C): dA += 2 Σ_c A_c (Z[a,c,:]·g)  (Z of block 0 is exactly 0)
-            build_states(D, P, ws, states, Bk, C, false);
-            contract_states(D, P, ws, dA, A, G, states);
+            build_states(D, P, ws, feat(ws, P, D, 1), val(ws, P, D, false), false);
+            contract_states(D, P, ws, dA, feat(ws, P, D, 0), val(ws, P, D, true));
             // suffix R from (A, G): dC += Σ_ac B_a B_c R[a,c,:], dB += 2 Σ_c B_c (R[a,c,:]·C)  (R of the
             // last block is exactly 0)
-            build_states(D, P, ws, states, A, G, true);
-            apply_states(D, P, ws, dC, Bk, states, 1.f);
-            contract_states(D, P, ws, dB, Bk, C, states);
+            build_states(D, P, ws, feat(ws, P, D, 0), val(ws, P, D, true), true);
+            apply_states(D, P, ws, dC, feat(ws, P, D, 1), 1.f);
+            contract_states(D, P, ws, dB, feat(ws, P, D, 1), val(ws, P, D, false));
         }
         // through the sketch into dxh (and the parameters)
         const int64_t n2 = 2 * D.rows;
@@ -903,7 +934,8 @@ public:
             float* ck = ws + P.sk;
             for (int64_t row0 = 0; row0 < n2; row0 += P.sk_rows) {
                 const int nc = (int)std::min<int64_t>(P.sk_rows, n2 - row0);
-                sketch_learned_chunk_bwd(L, ws + P.p32, dparams.f32(), xh + row0 * D.d, dM + row0 * D.r, dxh + row0 * D.d,
+                sketch_learned_chunk_bwd(L, ws + P.p32, p16(ws, P), dparams.f32(), xh + row0 * D.d, dM + row0 * D.r,
+                                         dxh + row0 * D.d,
                                          nc, ck, S, SketchKeep(ws, P, D, row0));
             }
         } else {
@@ -931,6 +963,7 @@ private:
         else fn(TypeTag<float>{});
     }
 
+    static bf16* p16(float* ws, const WorkspacePlan& P) { return reinterpret_cast<bf16*>(ws + P.p16); }
     WorkspacePlan plan(const AttnShape& s) const {
         return WorkspacePlan(s, cfg_.sketch_size, cfg_.block, num_params(s.d));
     }
@@ -941,6 +974,8 @@ private:
         D.d = s.d;
         D.r = cfg_.sketch_size;
         D.rp = D.r * (D.r + 1) / 2;
+        D.rpp = (D.rp + 7) / 8 * 8;
+        D.ldy = (s.d + 1 + 7) / 8 * 8;
         D.e = s.d + 1;
         D.block = cfg_.block;
         D.L = (s.T + cfg_.block - 1) / cfg_.block;
@@ -988,17 +1023,28 @@ private:
 
     // The learned sketch forward of nc rows x (nc, d): the blocks' outputs and tz into K,
     // m (nc, r) = M(x).
-    void sketch_learned_chunk_fwd(const PolySketchLayout& L, const float* p, const float* x, int nc, float* m,
-                                  const SketchKeep& K) {
+    // p: the parameters in fp32, p16 in bf16 (read by the tensor-core kernels of bf16 storage).
+    void sketch_learned_chunk_fwd(const PolySketchLayout& L, const float* p, const bf16* p16, const float* x, int nc,
+                                  float* m, const SketchKeep& K) {
         const int hid = L.hidden, r = L.r;
         for (int f = 0; f < 2; f++)
             for (int g = 0; g < 2; g++) {
                 const PolySketchLayout::Block& b = L.blk[f][g];
                 const float* in = g == 0 ? x : K.out[f][0];
-                by_tf32([&](auto mode) {
-                    ps_sk_block_fwd<decltype(mode)::value><<<ceil_div(nc, kTile), kThreads>>>(
-                        K.out[f][g], in, p + b.ln_w, p + b.ln_b, p + b.w_in, p + b.w_out, b.n_in, r, hid, nc);
+                const bool tc = !split_ && ps_tc::by_shape(b.n_in, r, [&](auto n_c, auto r_c) {
+                    constexpr int N = decltype(n_c)::value, R = decltype(r_c)::value;
+                    constexpr int smem = ps_tc::Shape<N, R>::kFwdSmem;
+                    auto kernel = ps_tc::sketch_block_fwd<N, R>;
+                    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+                    const int grid = ceil_div(ceil_div(nc, ps_tc::kFwdRows), ps_tc::kFwdTilesPerBlock);
+                    kernel<<<grid, ps_tc::kThreads, smem>>>(K.out[f][g], in, p + b.ln_w, p + b.ln_b, p16 + b.w_in,
+                                                            p16 + b.w_out, nc);
                 });
+                if (!tc)
+                    by_tf32([&](auto mode) {
+                    ps_sk_block_fwd<decltype(mode)::value><<<ceil_div(nc, kTile), kThreads>>>(
+                            K.out[f][g], in, p + b.ln_w, p + b.ln_b, p + b.w_in, p + b.w_out, b.n_in, r, hid, nc);
+                    });
                 CUDA_LAUNCH_CHECK();
             }
         ps_sk_tanh<<<grid_of((int64_t)nc * r, 256), 256>>>(K.tz, m, K.out[0][1], K.out[1][1], r, (int64_t)nc * r);
@@ -1006,8 +1052,9 @@ private:
     }
     // One block (f, g) backward on the chunk: in (nc, n_in) its input, dout (nc, r) -> din (nc, n_in);
     // dp (the parameter gradient) += this block's part (per-slice partials summed in slice order).
-    void sketch_block_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, int f, int g, const float* in,
-                                const float* dout, float* din, int nc, float* ck, const SketchChunk& S) {
+    void sketch_block_chunk_bwd(const PolySketchLayout& L, const float* p, const bf16* p16, float* dp, int f, int g,
+                                const float* in, const float* dout, float* din, int nc, float* ck,
+                                const SketchChunk& S) {
         const PolySketchLayout::Block& b = L.blk[f][g];
         const int n = b.n_in, hid = L.hidden, r = L.r;
         const int slices = ceil_div(nc, kGradSliceRows), hid_tiles = ceil_div(hid, kTile);
@@ -1015,9 +1062,18 @@ private:
         float *part_wo = ck + S.part_wo, *part_wi = ck + S.part_wi, *part_ln = ck + S.part_ln;
         ps_sk_ln_stats<<<grid_of(nc, kWarps), 32 * kWarps>>>(mean, rstd, in, n, nc);
         CUDA_LAUNCH_CHECK();
-        by_tf32([&](auto mode) {
+        const dim3 grid(hid_tiles, slices);
+        const bool tc = !split_ && ps_tc::by_shape(n, r, [&](auto n_c, auto r_c) {
+            constexpr int N = decltype(n_c)::value, R = decltype(r_c)::value;
+            constexpr int smem = ps_tc::Shape<N, R>::kBwdSmem;
+            static_assert(ps_tc::kBwdHid == kTile, "dn partials per 64 hidden units, as the TF32 kernel");
+            auto kernel = ps_tc::sketch_block_bwd<N, R>;
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+            kernel<<<grid, ps_tc::kThreads, smem>>>(part_wo, part_wi, dn_part, in, mean, rstd, dout, p + b.ln_w,
+                                                    p + b.ln_b, p16 + b.w_in, p16 + b.w_out, nc, kGradSliceRows);
+        });
+        if (!tc) by_tf32([&](auto mode) {
             constexpr Tf32 m = decltype(mode)::value;
-            const dim3 grid(hid_tiles, slices);
             if (r > kTile || n > kTile)
                 ps_sk_block_bwd<m, 2><<<grid, kThreads>>>(part_wo, part_wi, dn_part, in, mean, rstd, dout, p + b.ln_w,
                                                           p + b.ln_b, p + b.w_in, p + b.w_out, n, r, hid, nc);
@@ -1038,7 +1094,7 @@ private:
     }
     // The learned sketch backward of the chunk x (nc, d): dxh (nc, d) += the gradient of dm (nc, r)
     // through M; dp += the parameter gradient. K: the kept outputs of sketch_learned_chunk_fwd.
-    void sketch_learned_chunk_bwd(const PolySketchLayout& L, const float* p, float* dp, const float* x,
+    void sketch_learned_chunk_bwd(const PolySketchLayout& L, const float* p, const bf16* p16, float* dp, const float* x,
                                   const float* dm, float* dxh, int nc, float* ck, const SketchChunk& S,
                                   const SketchKeep& K) {
         const int64_t nr = (int64_t)nc * L.r, nd = (int64_t)nc * L.d;
@@ -1046,8 +1102,8 @@ private:
                                                  nr);
         CUDA_LAUNCH_CHECK();
         for (int f = 0; f < 2; f++) {
-            sketch_block_chunk_bwd(L, p, dp, f, 1, K.out[f][0], ck + S.df[f], ck + S.dy, nc, ck, S);
-            sketch_block_chunk_bwd(L, p, dp, f, 0, x, ck + S.dy, ck + S.dxf[f], nc, ck, S);
+            sketch_block_chunk_bwd(L, p, p16, dp, f, 1, K.out[f][0], ck + S.df[f], ck + S.dy, nc, ck, S);
+            sketch_block_chunk_bwd(L, p, p16, dp, f, 0, x, ck + S.dy, ck + S.dxf[f], nc, ck, S);
         }
         ps_sk_add2<<<grid_of(nd, 256), 256>>>(dxh, ck + S.dxf[0], ck + S.dxf[1], nd);
         CUDA_LAUNCH_CHECK();
@@ -1085,6 +1141,10 @@ private:
         else
             ps_params_to_f32<float><<<grid_of(n, 256), 256>>>(p32, static_cast<const float*>(params.ptr), n);
         CUDA_LAUNCH_CHECK();
+        if (!split_) {
+            ps_params_to_bf16<<<grid_of(n, 256), 256>>>(p16(ws, P), p32, n);
+            CUDA_LAUNCH_CHECK();
+        }
         return p32;
     }
 
@@ -1105,13 +1165,20 @@ private:
             const PolySketchLayout L = polysketch_layout(D.d, D.r);
             for (int64_t row0 = 0; row0 < n2; row0 += P.sk_rows) {
                 const int nc = (int)std::min<int64_t>(P.sk_rows, n2 - row0);
-                sketch_learned_chunk_fwd(L, ws + P.p32, ws + P.xh + row0 * D.d, nc, ws + P.M + row0 * D.r,
+                sketch_learned_chunk_fwd(L, ws + P.p32, p16(ws, P), ws + P.xh + row0 * D.d, nc, ws + P.M + row0 * D.r,
                                          SketchKeep(ws, P, D, row0));
             }
         } else {
             ps_sketch_random_fwd<<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.M, ws + P.xh, sketch, D.d, D.r, n2);
         }
         CUDA_LAUNCH_CHECK();
+        if (!split_) {  // the bf16 operands of the state GEMMs: Φ of A and B, C
+            ps_features_bf16<<<grid_of(n2 * D.rpp, 256), 256>>>(phi16(ws, P), ws + P.M,
+                                                               reinterpret_cast<const int*>(ws + P.pairs), D, n2);
+            CUDA_LAUNCH_CHECK();
+            ps_rows_to_bf16<<<grid_of(D.rows * D.ldy, 256), 256>>>(y16(ws, P), ws + P.C, D.e, D.ldy, D.rows);
+            CUDA_LAUNCH_CHECK();
+        }
     }
 
     // A run of `count` consecutive blocks of `rows_per` rows each (uniform strides): first global row
@@ -1147,40 +1214,102 @@ private:
                                                trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &one, B, ldb, stride_b, A,
                                                lda, stride_a, &beta, C, ldc, stride_c, batch));
     }
+    // Row-major strided-batched C_i (M, N) fp32 = op(A_i) op(B_i) + beta C_i with A, B bf16 (fp32
+    // accumulation).
+    void gemm_rm_batched_bf16(bool trans_a, bool trans_b, int M, int N, int K, const bf16* A, int lda,
+                              int64_t stride_a, const bf16* B, int ldb, int64_t stride_b, float beta, float* C, int ldc,
+                              int64_t stride_c, int batch) {
+        const float one = 1.f;
+        CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                                trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &one, B, CUDA_R_16BF, ldb,
+                                                stride_b, A, CUDA_R_16BF, lda, stride_a, &beta, C, CUDA_R_32F, ldc,
+                                                stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    static constexpr int64_t kMaxBatch = 65535;  // blocks per batched GEMM call
+    static bf16* phi16(float* ws, const WorkspacePlan& P) { return reinterpret_cast<bf16*>(ws + P.phi); }
+    static bf16* y16(float* ws, const WorkspacePlan& P) { return reinterpret_cast<bf16*>(ws + P.y16); }
+    static bf16* s16(float* ws, const WorkspacePlan& P) { return reinterpret_cast<bf16*>(ws + P.s16); }
+    // The rows of A (side 0) or B (side 1): fp32 (rows, r) for the fp32 kernels and pairs, and
+    // their features Φ (rows, rpp) bf16 (bf16 storage).
+    struct FeatOperand {
+        const float* x;
+        const bf16* phi;
+    };
+    static FeatOperand feat(float* ws, const WorkspacePlan& P, const Dims& D, int side) {
+        return {ws + P.M + side * D.rows * D.r, phi16(ws, P) + side * D.rows * D.rpp};
+    }
+    // C (grad = false) or G: fp32 (rows, e) and the bf16 copy (rows, ldy) (bf16 storage).
+    struct ValOperand {
+        const float* y;
+        const bf16* y16;
+    };
+    static ValOperand val(float* ws, const WorkspacePlan& P, const Dims& D, bool grad) {
+        return {ws + (grad ? P.G : P.C), y16(ws, P) + (grad ? D.rows * D.ldy : 0)};
+    }
     // Grid of the state kernels: x = every block of every head, y = tiles within one block.
     static dim3 state_grid(const Dims& D, int tiles) { return dim3((unsigned)(D.bh_count * D.L), (unsigned)tiles); }
-    // states <- per-block Σ_t φ(X_t) Y_tᵀ (r(r+1)/2, e), then the exclusive prefix (reverse: suffix) over blocks
-    void build_states(const Dims& D, const WorkspacePlan& P, float* ws, float* states, const float* X, const float* Y,
-                      bool reverse) {
-        const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
-        const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.e, kTile));
-        if (split_) ps_build_states<Tf32::Split><<<grid, kThreads>>>(states, X, Y, pairs, D);
-        else ps_build_states<Tf32::Single><<<grid, kThreads>>>(states, X, Y, pairs, D);
-        CUDA_LAUNCH_CHECK();
+    // states <- per-block Σ_t φ(X_t) Y_tᵀ (r(r+1)/2, e), then the exclusive prefix (reverse: suffix)
+    // over blocks; in bf16 storage also their bf16 copy s16 (blocks, rp, ldy) for apply and contract.
+    void build_states(const Dims& D, const WorkspacePlan& P, float* ws, FeatOperand X, ValOperand Y, bool reverse) {
+        float* states = ws + P.states;
+        const int rp = D.rp, e = D.e;
+        if (split_) {
+            const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
+            const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.e, kTile));
+            ps_build_states<Tf32::Split><<<grid, kThreads>>>(states, X.x, Y.y, pairs, D);
+            CUDA_LAUNCH_CHECK();
+        } else {
+            for (const StateSegment& g : segments(D, kMaxBatch)) {  // H_l = Φ_lᵀ Y_l
+                const int nb = g.rows_per;
+                gemm_rm_batched_bf16(true, false, rp, e, nb, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
+                                     Y.y16 + g.row0 * D.ldy, D.ldy, (int64_t)nb * D.ldy, 0.f, states + g.blk0 * rp * e,
+                                     e, (int64_t)rp * e, g.count);
+            }
+        }
         const int64_t per_block = (int64_t)D.rp * D.e;
         ps_state_scan<<<grid_of(D.bh_count * per_block, 256), 256>>>(states, D, reverse);
         CUDA_LAUNCH_CHECK();
+        if (!split_) {
+            const int64_t n = D.bh_count * D.L * rp;
+            ps_rows_to_bf16<<<grid_of(n * D.ldy, 256), 256>>>(s16(ws, P), states, e, D.ldy, n);
+            CUDA_LAUNCH_CHECK();
+        }
     }
-    // out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form)
-    void apply_states(const Dims& D, const WorkspacePlan& P, float* ws, float* out, const float* X, const float* states,
-                      float beta) {
-        const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
-        const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile) * ceil_div(D.e, kTile));
-        if (split_) ps_apply_states<Tf32::Split><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
-        else ps_apply_states<Tf32::Single><<<grid, kThreads>>>(out, X, states, pairs, D, beta);
-        CUDA_LAUNCH_CHECK();
-    }
-    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the cv buffer), then the finish
-    void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, const float* X, const float* Y,
-                         const float* states) {
+    // out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form), with
+    // the states of the last build_states
+    void apply_states(const Dims& D, const WorkspacePlan& P, float* ws, float* out, FeatOperand X, float beta) {
+        if (split_) {
+            const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
+            const dim3 grid = state_grid(D, ceil_div(std::min(D.block, D.T), kTile) * ceil_div(D.e, kTile));
+            ps_apply_states<Tf32::Split><<<grid, kThreads>>>(out, X.x, ws + P.states, pairs, D, beta);
+            CUDA_LAUNCH_CHECK();
+            return;
+        }
         const int rp = D.rp, e = D.e;
+        for (const StateSegment& g : segments(D, kMaxBatch)) {  // out_l (+)= Φ_l S_l
+            const int nb = g.rows_per;
+            gemm_rm_batched_bf16(false, false, nb, e, rp, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
+                                 s16(ws, P) + g.blk0 * rp * D.ldy, D.ldy, (int64_t)rp * D.ldy, beta, out + g.row0 * e,
+                                 e, (int64_t)nb * e, g.count);
+        }
+    }
+    // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the cv buffer; the states of the last
+    // build_states), then the finish
+    void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, FeatOperand X, ValOperand Y) {
+        const int rp = D.rp, e = D.e;
+        const float* states = ws + P.states;
         float* V = ws + P.cv;
         for (const StateSegment& g : segments(D, P.cv_blocks)) {
-            gemm_rm_batched(false, true, g.rows_per, rp, e, Y + g.row0 * e, e, (int64_t)g.rows_per * e,
-                            states + g.blk0 * rp * e, e, (int64_t)rp * e, 0.f, V, rp, (int64_t)g.rows_per * rp,
-                            g.count);
-            const int64_t n = (int64_t)g.count * g.rows_per;
-            ps_contract_finish<<<grid_of(n * D.r, 256), 256>>>(dX + g.row0 * D.r, X + g.row0 * D.r, V, D.r, n);
+            const int nb = g.rows_per;
+            if (split_)
+                gemm_rm_batched(false, true, nb, rp, e, Y.y + g.row0 * e, e, (int64_t)nb * e, states + g.blk0 * rp * e,
+                                e, (int64_t)rp * e, 0.f, V, rp, (int64_t)nb * rp, g.count);
+            else
+                gemm_rm_batched_bf16(false, true, nb, rp, e, Y.y16 + g.row0 * D.ldy, D.ldy, (int64_t)nb * D.ldy,
+                                     s16(ws, P) + g.blk0 * rp * D.ldy, D.ldy, (int64_t)rp * D.ldy, 0.f, V, rp,
+                                     (int64_t)nb * rp, g.count);
+            const int64_t n = (int64_t)g.count * nb;
+            ps_contract_finish<<<grid_of(n * D.r, 256), 256>>>(dX + g.row0 * D.r, X.x + g.row0 * D.r, V, D.r, n);
             CUDA_LAUNCH_CHECK();
         }
     }

@@ -144,9 +144,10 @@ TEST_P(PolySketchCudaVsCpu, ForwardGradientsAndParamGradient) {
     // fp32: summation order only; bf16: inputs and params identical, outputs rounded to bf16
     const double tol = c.dtype == DType::BF16 ? 3e-2 : 1e-4;
     EXPECT_LE(rel_err(gpu.o, cpu.o), tol) << "o";
-    // saved 1 + δ is fp32 in both modes, but the bf16 path forms it with TF32 tensor-core GEMMs
-    // (operands rounded to 2^-11 relative; measured up to 4.6e-4 on the H100)
-    EXPECT_LE(rel_err(gpu.saved, cpu.saved), c.dtype == DType::BF16 ? 2e-3 : 1e-4) << "saved 1 + δ";
+    // saved 1 + δ is fp32 in both modes, but the bf16 path forms it from bf16 operands: the sketch
+    // network's LN(x) and GELU activations and the state features Φ and states are rounded to bf16
+    // (2^-9 relative) for the tensor cores (measured up to 4.0e-3 on the H100 with the bf16 sketch)
+    EXPECT_LE(rel_err(gpu.saved, cpu.saved), c.dtype == DType::BF16 ? 1e-2 : 1e-4) << "saved 1 + δ";
     // dq, dk vanish to rounding noise where a row's own weight dominates (see the file comment)
     constexpr double kGradFloorRms = 1e-2;
     EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, kGradFloorRms), tol) << "dq";
@@ -175,6 +176,11 @@ const SketchCase kCases[] = {
     {1, 2, 256, 64, 8, 64, false, false, false, 1, kBF},
     {1, 1, 1000, 128, 32, 64, false, true, true, 1, kBF},
     {1, 1, 1, 128, 32, 256, false, false, true, 1, kBF},
+    // bf16 with the learned sketch on the tensor-core sketch kernels (r 16, 32; several forward
+    // tiles per block and several gradient slices), and r = 8 on the TF32 fallback
+    {1, 2, 700, 64, 16, 128, false, true, false, 1, kBF},
+    {1, 1, 300, 128, 16, 64, true, true, true, 8, kBF},
+    {2, 1, 200, 64, 8, 64, false, true, false, 1, kBF},
 };
 std::string param_name(const ::testing::TestParamInfo<SketchCase>& info) { return case_name(info.param); }
 INSTANTIATE_TEST_SUITE_P(Cases, PolySketchCudaVsCpu, ::testing::ValuesIn(kCases), param_name);
