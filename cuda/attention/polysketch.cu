@@ -74,7 +74,9 @@ namespace {
 constexpr float kLnEps = ps_tc::kLnEps;
 constexpr int kWarps = 8;            // warps per block of the row-per-warp kernels
 constexpr int64_t kSketchChunkFloats = int64_t(1) << 27;  // chunk buffers of the learned sketch (512 MB)
-constexpr int kGradSliceRows = 512;  // rows per partial of the sketch-parameter gradient
+constexpr int kGradSliceRows = 512;  // rows per partial of the LayerNorm-affine gradient (one block each)
+constexpr int kWeightSliceRows = 2048;  // rows per partial of the Linear-weight gradients (4x fewer partials
+                                        // to sum than slices of 512)
 constexpr int64_t kContractFloats = int64_t(1) << 25;  // V buffer of the state contraction (128 MB; at least one block)
 constexpr int64_t kDiagFloats = int64_t(1) << 25;  // each of the two (nb, nb) buffers of the diagonal blocks (128 MB)
 constexpr int kMaxSketch = 128;      // largest sketch size r (register arrays of r/32 per lane, LayerNorm backward)
@@ -104,7 +106,9 @@ __device__ __forceinline__ int64_t warp_row() {
 // Problem sizes every kernel needs.
 struct Dims {
     int H, T, d, r, rp, e, block, L, degree;  // rp = r(r+1)/2 features of a state, e = d + 1, L = number of blocks
-    int rpp, ldy;  // bf16 row strides: of Φ (rp rounded up to 8), of C, G and the states (e rounded up to 8)
+    int rpp;  // row stride of Φ (bf16 storage): rp rounded up to 8
+    int ldy;  // row stride of every (.., e) array (C, G/U, dC, the states, their bf16 copies): e rounded up
+              // to 8, the columns e.. zero where a GEMM reads them (16-byte aligned rows for cuBLAS)
     int64_t rows;                         // B·H·T
     int64_t bh_count;                     // B·H
 };
@@ -133,19 +137,21 @@ __global__ void ps_layernorm(float* xh, float* rstd, Strided Q, Strided K, Dims 
     if (lane == 0) rstd[n] = rs;
 }
 
-// C (rows, d+1) = [v | 1]
+// C (rows, ldy) = [v | 1 | 0..], and its bf16 copy C16 unless null
 template <typename T>
-__global__ void ps_values(float* C, Strided V, Dims D) {
+__global__ void ps_values(float* C, bf16* C16, Strided V, Dims D) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= D.rows * D.e) return;
-    const int64_t n = idx / D.e;
-    const int x = (int)(idx % D.e);
-    C[idx] = x < D.d ? to_f32(row_ptr<const T>(V, n, D.H, D.T)[x]) : 1.f;
+    if (idx >= D.rows * D.ldy) return;
+    const int64_t n = idx / D.ldy;
+    const int x = (int)(idx % D.ldy);
+    const float c = x < D.d ? to_f32(row_ptr<const T>(V, n, D.H, D.T)[x]) : x == D.d ? 1.f : 0.f;
+    C[idx] = c;
+    if (C16) C16[idx] = __float2bfloat16(c);
 }
 
-// G (rows, d+1) = [dO, −dO·o] / den. One warp per row.
+// G (rows, ldy) = [dO, −dO·o, 0..] / den, and its bf16 copy G16 unless null. One warp per row.
 template <typename T>
-__global__ void ps_out_grad(float* G, Strided dO, Strided O, const float* den, Dims D) {
+__global__ void ps_out_grad(float* G, bf16* G16, Strided dO, Strided O, const float* den, Dims D) {
     const int64_t n = warp_row();
     if (n >= D.rows) return;
     const int lane = threadIdx.x % 32;
@@ -153,19 +159,25 @@ __global__ void ps_out_grad(float* G, Strided dO, Strided O, const float* den, D
     const T* o = row_ptr<const T>(O, n, D.H, D.T);
     const float inv = 1.f / den[n];
     float dot = 0.f;
-    float* out = G + n * D.e;
+    float* out = G + n * D.ldy;
+    bf16* out16 = G16 ? G16 + n * D.ldy : nullptr;
     for (int i = lane; i < D.d; i += 32) {
         const float gi = to_f32(g[i]);
         dot += gi * to_f32(o[i]);
         out[i] = gi * inv;
+        if (out16) out16[i] = __float2bfloat16(gi * inv);
     }
     dot = warp_sum(dot);
-    if (lane == 0) out[D.d] = -dot * inv;
+    for (int i = D.d + lane; i < D.ldy; i += 32) {
+        const float v = i == D.d ? -dot * inv : 0.f;
+        out[i] = v;
+        if (out16) out16[i] = __float2bfloat16(v);
+    }
 }
 
 // ============================================================================ the learned sketch
 // The sketch network runs on chunks of rows at a time (see the top of the file); the parameter
-// gradients are per-slice partials (kGradSliceRows rows) summed in slice order into dparams (+=),
+// gradients are per-slice partials (kWeightSliceRows / kGradSliceRows rows) summed in slice order into dparams (+=),
 // chunk after chunk. Parameters: `p` is an fp32 copy of params in the layout of
 // polysketch_sketch.h (Linear weights (out, in) row-major). Row-major chunk buffers, one row per
 // sketch input row.
@@ -291,7 +303,7 @@ __global__ void __launch_bounds__(kThreads)
             });
 }
 
-// One sketch block g backward on a slice of kGradSliceRows rows × 64 hidden units h0.. per thread
+// One sketch block g backward on a slice of kWeightSliceRows rows × 64 hidden units h0.. per thread
 // block, given its input in (nc, n), the LayerNorm statistics mean, rstd (nc) and dout (nc, r);
 // per tile of 64 rows: pre = LN(in) W_inᵀ recomputed (LayerNorm in the loader), dact = dout W_out,
 // act = GELU(pre) and dh = dact ∘ GELU'(pre) into shared memory; then
@@ -314,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
     __shared__ float dh[kTile][kTile + 1];
     const int h0 = blockIdx.x * kTile, hk = min(kTile, hid - h0);
     const int slice = blockIdx.y;
-    const int64_t s0 = (int64_t)slice * kGradSliceRows, s1 = min((int64_t)nc, s0 + kGradSliceRows);
+    const int64_t s0 = (int64_t)slice * kWeightSliceRows, s1 = min((int64_t)nc, s0 + kWeightSliceRows);
     const int out_tiles = (r + kTile - 1) / kTile, in_tiles = (n + kTile - 1) / kTile;
     TcAcc acc_wo[kTiles], acc_wi[kTiles];
 #pragma unroll
@@ -495,10 +507,11 @@ struct SketchChunk {
         dn_part = take((hid + kTile - 1) / kTile * nc * maxn);
         dxf[0] = take(nc * d);
         dxf[1] = take(nc * d);
-        // partial parameter gradients, one per slice of kGradSliceRows rows
+        // partial parameter gradients, one per slice of kWeightSliceRows (weights) or kGradSliceRows rows
+        const int64_t wslices = (nc + kWeightSliceRows - 1) / kWeightSliceRows;
         const int64_t slices = (nc + kGradSliceRows - 1) / kGradSliceRows;
-        part_wo = take(slices * r * hid);
-        part_wi = take(slices * hid * maxn);
+        part_wo = take(wslices * r * hid);
+        part_wi = take(wslices * hid * maxn);
         part_ln = take(slices * 2 * maxn);
         total = off;
     }
@@ -580,23 +593,23 @@ __device__ __forceinline__ float feature(const float* x, int pr) {
 }
 
 // bf16 storage runs the state products as cuBLAS bf16 GEMMs (fp32 accumulation) on materialised
-// features instead: Φ (n, rpp) bf16 of the rows X (n, r), columns rp.. zero. One thread per element.
-// With the bf16 copies below this replaced the TF32 block_gemm kernels (build and apply, 39% of
-// the time after the tensor-core sketch) in bf16 storage: see the top of the file.
-__global__ void ps_features_bf16(bf16* phi, const float* X, const int* pairs, Dims D, int64_t n) {
+// features instead: Φ (n, rpp) bf16 of the rows X (n, r), columns rp.. zero. One thread per 8
+// features (one 16-byte store). With the bf16 copies of C, G and the states this replaced the TF32
+// block_gemm kernels (build and apply, 39% of the time after the tensor-core sketch) in bf16
+// storage: see the top of the file.
+__global__ void ps_features_bf16(bf16* phi, const float* __restrict__ X, const int* __restrict__ pairs, Dims D,
+                                 int64_t n) {
+    const int per_row = D.rpp / 8;
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * D.rpp) return;
-    const int64_t row = idx / D.rpp;
-    const int f = (int)(idx % D.rpp);
-    phi[idx] = __float2bfloat16(f < D.rp ? feature(X + row * D.r, pairs[f]) : 0.f);
-}
-// dst (n, ld) bf16 = src (n, w) fp32, columns w.. zero (C, G and the states). One thread per element.
-__global__ void ps_rows_to_bf16(bf16* dst, const float* src, int w, int ld, int64_t n) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n * ld) return;
-    const int64_t row = idx / ld;
-    const int col = (int)(idx % ld);
-    dst[idx] = __float2bfloat16(col < w ? src[row * w + col] : 0.f);
+    if (idx >= n * per_row) return;
+    const int64_t row = idx / per_row;
+    const int f0 = (int)(idx % per_row) * 8;
+    const float* x = X + row * D.r;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = f0 + j < D.rp ? feature(x, pairs[f0 + j]) : 0.f;
+    *reinterpret_cast<uint4*>(phi + row * D.rpp + f0) =
+        make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
 }
 
 // states (B·H, L, r(r+1)/2, e): block l of head bh <- Σ_{t∈l} φ(X_t) Y_tᵀ, X (rows, r), Y (rows, e):
@@ -614,16 +627,16 @@ __global__ void __launch_bounds__(kThreads)
     const int t0 = (int)(blk % D.L) * D.block, nb = min(D.block, D.T - t0);
     const int64_t row0 = bh * D.T + t0;
     const float* x = X + row0 * D.r;
-    const float* y = Y + row0 * D.e;
+    const float* y = Y + row0 * D.ldy;
     TcAcc acc;
     zero(acc);
     block_gemm<kTf32, false, false>(
         acc, sm, 0, nb,
         [&](int i, int k) { return f0 + i < D.rp ? feature(x + (int64_t)k * D.r, pairs[f0 + i]) : 0.f; },
-        [&](int k, int j) { return j0 + j < D.e ? y[(int64_t)k * D.e + j0 + j] : 0.f; });
-    float* out = states + blk * D.rp * D.e;
-    for_tile(acc, [&](int i, int j, float v) {
-        if (f0 + i < D.rp && j0 + j < D.e) out[(int64_t)(f0 + i) * D.e + j0 + j] = v;
+        [&](int k, int j) { return j0 + j < D.e ? y[(int64_t)k * D.ldy + j0 + j] : 0.f; });
+    float* out = states + blk * D.rp * D.ldy;
+    for_tile(acc, [&](int i, int j, float v) {  // v = 0 in the columns e..ldy−1
+        if (f0 + i < D.rp && j0 + j < D.ldy) out[(int64_t)(f0 + i) * D.ldy + j0 + j] = v;
     });
 }
 
@@ -643,17 +656,17 @@ __global__ void __launch_bounds__(kThreads)
     const int nr = min(kTile, nb - rt * kTile);
     const int64_t row0 = bh * D.T + t0 + rt * kTile;
     const float* x = X + row0 * D.r;
-    const float* s = states + blk * D.rp * D.e;
+    const float* s = states + blk * D.rp * D.ldy;
     TcAcc acc;
     zero(acc);
     block_gemm<kTf32, true, false>(
         acc, sm, 0, D.rp,
         [&](int i, int k) { return i < nr ? feature(x + (int64_t)i * D.r, pairs[k]) : 0.f; },
-        [&](int k, int j) { return j0 + j < D.e ? s[(int64_t)k * D.e + j0 + j] : 0.f; });
-    float* o = out + row0 * D.e;
+        [&](int k, int j) { return j0 + j < D.e ? s[(int64_t)k * D.ldy + j0 + j] : 0.f; });
+    float* o = out + row0 * D.ldy;
     for_tile(acc, [&](int i, int j, float v) {
         if (i < nr && j0 + j < D.e) {
-            float& dst = o[(int64_t)i * D.e + j0 + j];
+            float& dst = o[(int64_t)i * D.ldy + j0 + j];
             dst = beta == 0.f ? v : beta * dst + v;
         }
     });
@@ -677,14 +690,16 @@ __global__ void ps_contract_finish(float* dX, const float* X, const float* V, in
 
 // In place: exclusive prefix (reverse = false: Σ of earlier blocks) or suffix (reverse = true:
 // Σ of later blocks) over the L blocks of each head. One thread per (head, element), blocks in
-// order; loads issued kScanUnroll blocks at a time (independent of the running sum).
+// order; loads issued kScanUnroll blocks at a time (independent of the running sum). states16
+// (unless null) receives a bf16 copy of the result (bf16 storage: the operand of the state GEMMs).
 constexpr int kScanUnroll = 8;
-__global__ void ps_state_scan(float* states, Dims D, bool reverse) {
-    const int64_t per_block = (int64_t)D.rp * D.e;
+__global__ void ps_state_scan(float* states, bf16* states16, Dims D, bool reverse) {
+    const int64_t per_block = (int64_t)D.rp * D.ldy;
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= D.bh_count * per_block) return;
     const int64_t bh = idx / per_block, within = idx % per_block;
     float* s = states + bh * D.L * per_block + within;
+    bf16* s16 = states16 ? states16 + bh * D.L * per_block + within : nullptr;
     float run = 0.f;
     for (int k0 = 0; k0 < D.L; k0 += kScanUnroll) {
         float v[kScanUnroll];
@@ -698,6 +713,7 @@ __global__ void ps_state_scan(float* states, Dims D, bool reverse) {
             const int k = k0 + u, l = reverse ? D.L - 1 - k : k;
             if (k < D.L) {
                 s[(int64_t)l * per_block] = run;
+                if (s16) s16[(int64_t)l * per_block] = __float2bfloat16(run);
                 run += v[u];
             }
         }
@@ -740,8 +756,8 @@ __global__ void ps_finish_out(Strided O, float* den, const float* U, Dims D) {
     if (idx >= D.rows * D.d) return;
     const int64_t n = idx / D.d;
     const int x = (int)(idx % D.d);
-    const float dn = 1.f + U[n * D.e + D.d];
-    row_ptr<T>(O, n, D.H, D.T)[x] = from_f32<T>(U[n * D.e + x] / dn);
+    const float dn = 1.f + U[n * D.ldy + D.d];
+    row_ptr<T>(O, n, D.H, D.T)[x] = from_f32<T>(U[n * D.ldy + x] / dn);
     if (x == 0) den[n] = dn;
 }
 
@@ -775,7 +791,7 @@ __global__ void ps_write_dv(Strided dV, const float* dC, Dims D) {
     if (idx >= D.rows * D.d) return;
     const int64_t n = idx / D.d;
     const int x = (int)(idx % D.d);
-    row_ptr<T>(dV, n, D.H, D.T)[x] = from_f32<T>(dC[n * D.e + x]);
+    row_ptr<T>(dV, n, D.H, D.T)[x] = from_f32<T>(dC[n * D.ldy + x]);
 }
 
 // ============================================================================ host side
@@ -800,12 +816,13 @@ struct WorkspacePlan {
         xh = take(2 * rows * d);
         rstd = take(2 * rows);
         M = take(2 * rows * r);
-        C = take(rows * e);
-        G = take(rows * e);
-        states = take((int64_t)s.B * s.H * L * rp * e);
+        const int64_t rpp = (rp + 7) / 8 * 8, ldy = (e + 7) / 8 * 8;  // as Dims
+        C = take(rows * ldy);
+        G = take(rows * ldy);
+        states = take((int64_t)s.B * s.H * L * rp * ldy);
         dxh = take(2 * rows * d);
         dM = take(2 * rows * r);
-        dC = take(rows * e);
+        dC = take(rows * ldy);
         pairs = take(rp);  // ints
         cv_blocks = std::max<int64_t>(1, std::min<int64_t>(kContractFloats / ((int64_t)block * rp), s.B * s.H * L));
         cv = take(L > 1 ? cv_blocks * block * rp : 0);
@@ -821,7 +838,6 @@ struct WorkspacePlan {
         skk = take(num_params ? 5 * 2 * rows * r : 0);
         // bf16 copies for the state GEMMs of bf16 storage (allocated in fp32 mode too: the plan
         // does not know the dtype); sizes in floats = bf16 elements / 2
-        const int64_t rpp = (rp + 7) / 8 * 8, ldy = (e + 7) / 8 * 8;
         phi = take(rows * rpp);
         y16 = take(rows * ldy);
         s16 = take(((int64_t)s.B * s.H * L * rp * ldy + 1) / 2);
@@ -907,13 +923,10 @@ public:
         float* dB = dM + D.rows * D.r;
         by_type(dt, [&](auto t_tag) {
             using T = typename decltype(t_tag)::type;
-            ps_out_grad<T><<<grid_of(D.rows, kWarps), 32 * kWarps>>>(G, strided(dout), strided(o), saved, D);
+            ps_out_grad<T><<<grid_of(D.rows, kWarps), 32 * kWarps>>>(
+                G, split_ ? nullptr : y16(ws, P) + D.rows * D.ldy, strided(dout), strided(o), saved, D);
         });
         CUDA_LAUNCH_CHECK();
-        if (!split_) {
-            ps_rows_to_bf16<<<grid_of(D.rows * D.ldy, 256), 256>>>(y16(ws, P) + D.rows * D.ldy, G, D.e, D.ldy, D.rows);
-            CUDA_LAUNCH_CHECK();
-        }
         // the diagonal blocks: dC, and dq̂, dk̂ (exact_diag) or dA, dB (sketched), the other pair zeroed
         diag_backward(D, P, ws);
         if (D.L > 1) {
@@ -1058,11 +1071,12 @@ private:
         const PolySketchLayout::Block& b = L.blk[f][g];
         const int n = b.n_in, hid = L.hidden, r = L.r;
         const int slices = ceil_div(nc, kGradSliceRows), hid_tiles = ceil_div(hid, kTile);
+        const int wslices = ceil_div(nc, kWeightSliceRows);
         float *mean = ck + S.mean, *rstd = ck + S.rstd, *dn_part = ck + S.dn_part;
         float *part_wo = ck + S.part_wo, *part_wi = ck + S.part_wi, *part_ln = ck + S.part_ln;
         ps_sk_ln_stats<<<grid_of(nc, kWarps), 32 * kWarps>>>(mean, rstd, in, n, nc);
         CUDA_LAUNCH_CHECK();
-        const dim3 grid(hid_tiles, slices);
+        const dim3 grid(hid_tiles, wslices);
         const bool tc = !split_ && ps_tc::by_shape(n, r, [&](auto n_c, auto r_c) {
             constexpr int N = decltype(n_c)::value, R = decltype(r_c)::value;
             constexpr int smem = ps_tc::Shape<N, R>::kBwdSmem;
@@ -1070,7 +1084,7 @@ private:
             auto kernel = ps_tc::sketch_block_bwd<N, R>;
             CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
             kernel<<<grid, ps_tc::kThreads, smem>>>(part_wo, part_wi, dn_part, in, mean, rstd, dout, p + b.ln_w,
-                                                    p + b.ln_b, p16 + b.w_in, p16 + b.w_out, nc, kGradSliceRows);
+                                                    p + b.ln_b, p16 + b.w_in, p16 + b.w_out, nc, kWeightSliceRows);
         });
         if (!tc) by_tf32([&](auto mode) {
             constexpr Tf32 m = decltype(mode)::value;
@@ -1082,9 +1096,9 @@ private:
                                                           p + b.ln_b, p + b.w_in, p + b.w_out, n, r, hid, nc);
         });
         CUDA_LAUNCH_CHECK();
-        ps_reduce_slices<<<grid_of((int64_t)r * hid, 256), 256>>>(dp + b.w_out, part_wo, slices, (int64_t)r * hid);
+        ps_reduce_slices<<<grid_of((int64_t)r * hid, 256), 256>>>(dp + b.w_out, part_wo, wslices, (int64_t)r * hid);
         CUDA_LAUNCH_CHECK();
-        ps_reduce_slices<<<grid_of((int64_t)hid * n, 256), 256>>>(dp + b.w_in, part_wi, slices, (int64_t)hid * n);
+        ps_reduce_slices<<<grid_of((int64_t)hid * n, 256), 256>>>(dp + b.w_in, part_wi, wslices, (int64_t)hid * n);
         CUDA_LAUNCH_CHECK();
         // din, and (dln_w, dln_b) += (Σ dn∘x̂, Σ dn): ln_b follows ln_w in the layout
         ps_sk_ln_bwd<<<slices, 32 * kWarps>>>(din, part_ln, dn_part, hid_tiles, in, mean, rstd, p + b.ln_w, n, nc);
@@ -1156,7 +1170,7 @@ private:
             using T = typename decltype(t_tag)::type;
             ps_layernorm<T><<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.xh, ws + P.rstd, strided(q), strided(k), D);
             CUDA_LAUNCH_CHECK();
-            ps_values<T><<<grid_of(D.rows * D.e, 256), 256>>>(ws + P.C, strided(v), D);
+            ps_values<T><<<grid_of(D.rows * D.ldy, 256), 256>>>(ws + P.C, split_ ? nullptr : y16(ws, P), strided(v), D);
         });
         CUDA_LAUNCH_CHECK();
         ps_pair_table<<<grid_of(D.r * D.r, 256), 256>>>(reinterpret_cast<int*>(ws + P.pairs), D.r);
@@ -1172,11 +1186,9 @@ private:
             ps_sketch_random_fwd<<<grid_of(n2, kWarps), 32 * kWarps>>>(ws + P.M, ws + P.xh, sketch, D.d, D.r, n2);
         }
         CUDA_LAUNCH_CHECK();
-        if (!split_) {  // the bf16 operands of the state GEMMs: Φ of A and B, C
-            ps_features_bf16<<<grid_of(n2 * D.rpp, 256), 256>>>(phi16(ws, P), ws + P.M,
-                                                               reinterpret_cast<const int*>(ws + P.pairs), D, n2);
-            CUDA_LAUNCH_CHECK();
-            ps_rows_to_bf16<<<grid_of(D.rows * D.ldy, 256), 256>>>(y16(ws, P), ws + P.C, D.e, D.ldy, D.rows);
+        if (!split_) {  // Φ of A and B: the bf16 feature operands of the state GEMMs
+            ps_features_bf16<<<grid_of(n2 * (D.rpp / 8), 256), 256>>>(
+                phi16(ws, P), ws + P.M, reinterpret_cast<const int*>(ws + P.pairs), D, n2);
             CUDA_LAUNCH_CHECK();
         }
     }
@@ -1252,28 +1264,24 @@ private:
     // over blocks; in bf16 storage also their bf16 copy s16 (blocks, rp, ldy) for apply and contract.
     void build_states(const Dims& D, const WorkspacePlan& P, float* ws, FeatOperand X, ValOperand Y, bool reverse) {
         float* states = ws + P.states;
-        const int rp = D.rp, e = D.e;
+        const int rp = D.rp, ld = D.ldy;
         if (split_) {
             const int* pairs = reinterpret_cast<const int*>(ws + P.pairs);
             const dim3 grid = state_grid(D, ceil_div(D.rp, kTile) * ceil_div(D.e, kTile));
             ps_build_states<Tf32::Split><<<grid, kThreads>>>(states, X.x, Y.y, pairs, D);
             CUDA_LAUNCH_CHECK();
         } else {
-            for (const StateSegment& g : segments(D, kMaxBatch)) {  // H_l = Φ_lᵀ Y_l
+            for (const StateSegment& g : segments(D, kMaxBatch)) {  // H_l = Φ_lᵀ Y_l (all ldy columns: 0 from e on)
                 const int nb = g.rows_per;
-                gemm_rm_batched_bf16(true, false, rp, e, nb, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
-                                     Y.y16 + g.row0 * D.ldy, D.ldy, (int64_t)nb * D.ldy, 0.f, states + g.blk0 * rp * e,
-                                     e, (int64_t)rp * e, g.count);
+                gemm_rm_batched_bf16(true, false, rp, ld, nb, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
+                                     Y.y16 + g.row0 * ld, ld, (int64_t)nb * ld, 0.f, states + g.blk0 * rp * ld, ld,
+                                     (int64_t)rp * ld, g.count);
             }
         }
-        const int64_t per_block = (int64_t)D.rp * D.e;
-        ps_state_scan<<<grid_of(D.bh_count * per_block, 256), 256>>>(states, D, reverse);
+        const int64_t per_block = (int64_t)rp * ld;
+        ps_state_scan<<<grid_of(D.bh_count * per_block, 256), 256>>>(states, split_ ? nullptr : s16(ws, P), D,
+                                                                      reverse);
         CUDA_LAUNCH_CHECK();
-        if (!split_) {
-            const int64_t n = D.bh_count * D.L * rp;
-            ps_rows_to_bf16<<<grid_of(n * D.ldy, 256), 256>>>(s16(ws, P), states, e, D.ldy, n);
-            CUDA_LAUNCH_CHECK();
-        }
     }
     // out (rows, e) = beta·out + φ(X_t)·S_l(t) (= Σ_ac X_ta X_tc S_l(t)[a,c,:] of the full form), with
     // the states of the last build_states
@@ -1285,28 +1293,28 @@ private:
             CUDA_LAUNCH_CHECK();
             return;
         }
-        const int rp = D.rp, e = D.e;
+        const int rp = D.rp, ld = D.ldy;
         for (const StateSegment& g : segments(D, kMaxBatch)) {  // out_l (+)= Φ_l S_l
             const int nb = g.rows_per;
-            gemm_rm_batched_bf16(false, false, nb, e, rp, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
-                                 s16(ws, P) + g.blk0 * rp * D.ldy, D.ldy, (int64_t)rp * D.ldy, beta, out + g.row0 * e,
-                                 e, (int64_t)nb * e, g.count);
+            gemm_rm_batched_bf16(false, false, nb, D.e, rp, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
+                                 s16(ws, P) + g.blk0 * rp * ld, ld, (int64_t)rp * ld, beta, out + g.row0 * ld, ld,
+                                 (int64_t)nb * ld, g.count);
         }
     }
     // dX_t += ∂(φ(X_t)·V_t)/∂X_t with V = Y Sᵀ per block (into the cv buffer; the states of the last
     // build_states), then the finish
     void contract_states(const Dims& D, const WorkspacePlan& P, float* ws, float* dX, FeatOperand X, ValOperand Y) {
-        const int rp = D.rp, e = D.e;
+        const int rp = D.rp, ld = D.ldy;
         const float* states = ws + P.states;
         float* V = ws + P.cv;
         for (const StateSegment& g : segments(D, P.cv_blocks)) {
             const int nb = g.rows_per;
             if (split_)
-                gemm_rm_batched(false, true, nb, rp, e, Y.y + g.row0 * e, e, (int64_t)nb * e, states + g.blk0 * rp * e,
-                                e, (int64_t)rp * e, 0.f, V, rp, (int64_t)nb * rp, g.count);
-            else
-                gemm_rm_batched_bf16(false, true, nb, rp, e, Y.y16 + g.row0 * D.ldy, D.ldy, (int64_t)nb * D.ldy,
-                                     s16(ws, P) + g.blk0 * rp * D.ldy, D.ldy, (int64_t)rp * D.ldy, 0.f, V, rp,
+                gemm_rm_batched(false, true, nb, rp, D.e, Y.y + g.row0 * ld, ld, (int64_t)nb * ld,
+                                states + g.blk0 * rp * ld, ld, (int64_t)rp * ld, 0.f, V, rp, (int64_t)nb * rp, g.count);
+            else  // K = all ldy columns (zero from e on in both operands): aligned rows
+                gemm_rm_batched_bf16(false, true, nb, rp, ld, Y.y16 + g.row0 * ld, ld, (int64_t)nb * ld,
+                                     s16(ws, P) + g.blk0 * rp * ld, ld, (int64_t)rp * ld, 0.f, V, rp,
                                      (int64_t)nb * rp, g.count);
             const int64_t n = (int64_t)g.count * nb;
             ps_contract_finish<<<grid_of(n * D.r, 256), 256>>>(dX + g.row0 * D.r, X.x + g.row0 * D.r, V, D.r, n);
@@ -1317,27 +1325,27 @@ private:
     // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j (diag kernels)
     void diag_forward(const Dims& D, const WorkspacePlan& P, float* ws, float* out, float beta) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e, ld = D.ldy;
         const float* Xq = ws + (exact ? P.xh : P.M);  // (rows, nf) q̂ or A, then the k̂ or B rows
         const float* Xk = Xq + D.rows * nf;
         const float* C = ws + P.C;
         float* S = ws + P.diag;
         for (const StateSegment& g : segments(D, P.diag_blocks)) {
             const int nb = g.rows_per;
-            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
+            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * ld;
             gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
                             nn, g.count);  // S = X_q X_kᵀ
             ps_diag_weights<<<grid_of(g.count * nn, 256), 256>>>(S, nb, p, g.count * nn);
             CUDA_LAUNCH_CHECK();
-            gemm_rm_batched(false, false, nb, e, nb, S, nb, nn, C + g.row0 * e, e, cs, beta, out + g.row0 * e, e, cs,
-                            g.count);  // out (+)= W C
+            gemm_rm_batched(false, false, nb, e, nb, S, nb, nn, C + g.row0 * ld, ld, cs, beta, out + g.row0 * ld, ld,
+                            cs, g.count);  // out (+)= W C
         }
     }
     // The diagonal blocks' gradients, overwriting: dC (rows, e); dq̂, dk̂ in dxh (exact_diag) or dA, dB
     // in dM (sketched), the other one zeroed (both are accumulated into afterwards).
     void diag_backward(const Dims& D, const WorkspacePlan& P, float* ws) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e, ld = D.ldy;
         const float* Xq = ws + (exact ? P.xh : P.M);
         const float* Xk = Xq + D.rows * nf;
         float* dXq = ws + (exact ? P.dxh : P.dM);
@@ -1348,10 +1356,10 @@ private:
         float* dW = ws + P.diag + P.diag_floats;  // dW, then W
         for (const StateSegment& g : segments(D, P.diag_blocks)) {
             const int nb = g.rows_per;
-            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * e;
+            const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * ld;
             gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
                             nn, g.count);  // S = X_q X_kᵀ
-            gemm_rm_batched(false, true, nb, nb, e, G + g.row0 * e, e, cs, C + g.row0 * e, e, cs, 0.f, dW, nb, nn,
+            gemm_rm_batched(false, true, nb, nb, e, G + g.row0 * ld, ld, cs, C + g.row0 * ld, ld, cs, 0.f, dW, nb, nn,
                             g.count);  // dW = G Cᵀ
             ps_diag_grads<<<grid_of(g.count * nn, 256), 256>>>(S, dW, nb, p, g.count * nn);
             CUDA_LAUNCH_CHECK();
@@ -1359,8 +1367,8 @@ private:
                             xs, g.count);  // dX_q = dS X_k
             gemm_rm_batched(true, false, nb, nf, nb, S, nb, nn, Xq + g.row0 * nf, nf, xs, 0.f, dXk + g.row0 * nf, nf,
                             xs, g.count);  // dX_k = dSᵀ X_q
-            gemm_rm_batched(true, false, nb, e, nb, dW, nb, nn, G + g.row0 * e, e, cs, 0.f, dC + g.row0 * e, e, cs,
-                            g.count);  // dC = Wᵀ G
+            gemm_rm_batched(true, false, nb, e, nb, dW, nb, nn, G + g.row0 * ld, ld, cs, 0.f, dC + g.row0 * ld, ld,
+                            cs, g.count);  // dC = Wᵀ G
         }
         const int64_t other = exact ? 2 * D.rows * D.r : 2 * D.rows * D.d;
         CUDA_CHECK(cudaMemsetAsync(ws + (exact ? P.dM : P.dxh), 0, other * sizeof(float), 0));
