@@ -665,7 +665,7 @@ __global__ void __launch_bounds__(kThreads)
         [&](int k, int j) { return j0 + j < D.e ? s[(int64_t)k * D.ldy + j0 + j] : 0.f; });
     float* o = out + row0 * D.ldy;
     for_tile(acc, [&](int i, int j, float v) {
-        if (i < nr && j0 + j < D.e) {
+        if (i < nr && j0 + j < D.ldy) {  // v = 0 in the columns e..ldy−1
             float& dst = o[(int64_t)i * D.ldy + j0 + j];
             dst = beta == 0.f ? v : beta * dst + v;
         }
@@ -1294,9 +1294,9 @@ private:
             return;
         }
         const int rp = D.rp, ld = D.ldy;
-        for (const StateSegment& g : segments(D, kMaxBatch)) {  // out_l (+)= Φ_l S_l
+        for (const StateSegment& g : segments(D, kMaxBatch)) {  // out_l (+)= Φ_l S_l (all ldy columns: 0 from e on)
             const int nb = g.rows_per;
-            gemm_rm_batched_bf16(false, false, nb, D.e, rp, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
+            gemm_rm_batched_bf16(false, false, nb, ld, rp, X.phi + g.row0 * D.rpp, D.rpp, (int64_t)nb * D.rpp,
                                  s16(ws, P) + g.blk0 * rp * ld, ld, (int64_t)rp * ld, beta, out + g.row0 * ld, ld,
                                  (int64_t)nb * ld, g.count);
         }
@@ -1325,7 +1325,7 @@ private:
     // out (rows, e) = beta·out + the diagonal blocks' part Σ_{j ≤ i, same block} w_ij C_j (diag kernels)
     void diag_forward(const Dims& D, const WorkspacePlan& P, float* ws, float* out, float beta) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e, ld = D.ldy;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, ld = D.ldy;
         const float* Xq = ws + (exact ? P.xh : P.M);  // (rows, nf) q̂ or A, then the k̂ or B rows
         const float* Xk = Xq + D.rows * nf;
         const float* C = ws + P.C;
@@ -1337,15 +1337,15 @@ private:
                             nn, g.count);  // S = X_q X_kᵀ
             ps_diag_weights<<<grid_of(g.count * nn, 256), 256>>>(S, nb, p, g.count * nn);
             CUDA_LAUNCH_CHECK();
-            gemm_rm_batched(false, false, nb, e, nb, S, nb, nn, C + g.row0 * ld, ld, cs, beta, out + g.row0 * ld, ld,
-                            cs, g.count);  // out (+)= W C
+            gemm_rm_batched(false, false, nb, ld, nb, S, nb, nn, C + g.row0 * ld, ld, cs, beta, out + g.row0 * ld, ld,
+                            cs, g.count);  // out (+)= W C (all ldy columns: 0 from e on)
         }
     }
     // The diagonal blocks' gradients, overwriting: dC (rows, e); dq̂, dk̂ in dxh (exact_diag) or dA, dB
     // in dM (sketched), the other one zeroed (both are accumulated into afterwards).
     void diag_backward(const Dims& D, const WorkspacePlan& P, float* ws) {
         const bool exact = cfg_.exact_diag;
-        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, e = D.e, ld = D.ldy;
+        const int nf = exact ? D.d : D.r, p = exact ? D.degree : 2, ld = D.ldy;
         const float* Xq = ws + (exact ? P.xh : P.M);
         const float* Xk = Xq + D.rows * nf;
         float* dXq = ws + (exact ? P.dxh : P.dM);
@@ -1359,16 +1359,16 @@ private:
             const int64_t nn = (int64_t)nb * nb, xs = (int64_t)nb * nf, cs = (int64_t)nb * ld;
             gemm_rm_batched(false, true, nb, nb, nf, Xq + g.row0 * nf, nf, xs, Xk + g.row0 * nf, nf, xs, 0.f, S, nb,
                             nn, g.count);  // S = X_q X_kᵀ
-            gemm_rm_batched(false, true, nb, nb, e, G + g.row0 * ld, ld, cs, C + g.row0 * ld, ld, cs, 0.f, dW, nb, nn,
-                            g.count);  // dW = G Cᵀ
+            gemm_rm_batched(false, true, nb, nb, ld, G + g.row0 * ld, ld, cs, C + g.row0 * ld, ld, cs, 0.f, dW, nb, nn,
+                            g.count);  // dW = G Cᵀ (K: all ldy columns, 0 from e on)
             ps_diag_grads<<<grid_of(g.count * nn, 256), 256>>>(S, dW, nb, p, g.count * nn);
             CUDA_LAUNCH_CHECK();
             gemm_rm_batched(false, false, nb, nf, nb, S, nb, nn, Xk + g.row0 * nf, nf, xs, 0.f, dXq + g.row0 * nf, nf,
                             xs, g.count);  // dX_q = dS X_k
             gemm_rm_batched(true, false, nb, nf, nb, S, nb, nn, Xq + g.row0 * nf, nf, xs, 0.f, dXk + g.row0 * nf, nf,
                             xs, g.count);  // dX_k = dSᵀ X_q
-            gemm_rm_batched(true, false, nb, e, nb, dW, nb, nn, G + g.row0 * ld, ld, cs, 0.f, dC + g.row0 * ld, ld,
-                            cs, g.count);  // dC = Wᵀ G
+            gemm_rm_batched(true, false, nb, ld, nb, dW, nb, nn, G + g.row0 * ld, ld, cs, 0.f, dC + g.row0 * ld, ld,
+                            cs, g.count);  // dC = Wᵀ G (all ldy columns: 0 from e on)
         }
         const int64_t other = exact ? 2 * D.rows * D.r : 2 * D.rows * D.d;
         CUDA_CHECK(cudaMemsetAsync(ws + (exact ? P.dM : P.dxh), 0, other * sizeof(float), 0));

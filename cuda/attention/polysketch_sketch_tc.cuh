@@ -51,6 +51,25 @@ __device__ __forceinline__ float gelu_grad(float x) {
     return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * a * x * x);
 }
 
+// The same with the hardware tanh (tanh.approx.f32, max relative error 2^-10.99): for the tensor-core
+// kernels, whose activations are rounded to bf16 (2^-9) right after. One tanh for both GELU and
+// GELU′ in the backward. (The accurate tanhf was most of these kernels' time: see RESULTS.md.)
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float gelu_fast(float x) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    return 0.5f * x * (1.f + tanh_approx(c * (x + a * x * x * x)));
+}
+__device__ __forceinline__ void gelu_and_grad_fast(float x, float& act, float& grad) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+    const float t = tanh_approx(c * (x + a * x * x * x));
+    act = 0.5f * x * (1.f + t);
+    grad = 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * a * x * x);
+}
+
 template <int N, int R>
 struct Shape {
     static_assert(N % 16 == 0 && R % 16 == 0, "sketch tensor-core kernels: N and R multiples of 16");
@@ -202,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) s[m][nt][e] = gelu(s[m][nt][e]);
+                    for (int e = 0; e < 4; ++e) s[m][nt][e] = gelu_fast(s[m][nt][e]);
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 uint32_t p[kM][4];
@@ -327,9 +346,10 @@ __global__ void __launch_bounds__(kThreads)
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float pre = p[nt][e];
-                p[nt][e] = gelu(pre);
-                q[nt][e] *= gelu_grad(pre);
+                float act, grad;
+                gelu_and_grad_fast(p[nt][e], act, grad);
+                p[nt][e] = act;
+                q[nt][e] *= grad;
             }
         // dW_outᵀ += actᵀ dy, dW_in += dhᵀ u (k = the 64 rows)
 #pragma unroll
