@@ -14,41 +14,41 @@
 // A⊗A⊗g (built like H, scanned backwards) give dC and dB; then through M (into the sketch
 // parameters and q̂, k̂) and the LayerNorms into q, k.
 //
-// Implementation (deterministic: no float atomics, every sum in a fixed order): tensor-core tile
-// GEMMs (block_gemm of tf32_block_gemm.cuh: 64×64 output tile per 256-thread block, operands read
-// through loaders that compute them on the fly) for the block states and the learned sketch,
-// cuBLAS strided-batched GEMMs for the diagonal blocks and the state contraction, plus a few
-// elementwise / row kernels:
+// Implementation (deterministic: no float atomics, every sum in a fixed order). Two paths share
+// the algorithm, the workspace and the row kernels; they differ in how the products run:
+//   - bf16 storage (the fast path): the learned sketch on bf16 tensor cores (polysketch_sketch_tc.cuh:
+//     one fused flash-style kernel per sketch block forward, one per block backward, for r ∈ {16, 32};
+//     other r fall back to the TF32 kernels below), the block states as cuBLAS bf16 GEMMs (fp32
+//     accumulation) over materialised packed features Φ (rows, r(r+1)/2) bf16 and bf16 copies of C,
+//     G and the scanned states; the diagonal blocks and the rest as below in TF32;
+//   - fp32 storage (the checking path): tensor-core tile GEMMs with fp32 accuracy (block_gemm of
+//     tf32_block_gemm.cuh, Tf32::Split: 64×64 output tile per 256-thread block, operands read
+//     through loaders that compute them on the fly: features from a table of (a, c) pairs, LN(in),
+//     GELU activations) for the block states and the sketch, cuBLAS SGEMM for the rest.
 //   - every intermediate is fp32 in the workspace (q̂, k̂, rstd, A|B, C, G, block states, their
-//     gradients): O(B·H·T·(d + r) + B·H·(T/b)·r(r+1)/2·(d+1)) floats plus fixed-size run buffers,
-//     linear in T;
+//     gradients; every (.., e) array with rows of ldy = e rounded up to 8): O(B·H·T·(d + r²/2) +
+//     B·H·(T/b)·r(r+1)/2·(d+1)) floats plus fixed-size run buffers, linear in T;
 //   - the diagonal blocks are dense GEMMs per block: S = X_q X_kᵀ (b, b), W = tril(S^p) by a kernel,
 //     out += W C; the backward dW = G Cᵀ, dS, then dX_q = dS X_k, dX_k = dSᵀ X_q, dC = Wᵀ G;
 //   - the block states use the packed symmetric features φ(x) (r(r+1)/2 per row, sqrt(2) off the
-//     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x), never stored: the loaders of
-//     ps_build_states (H_l = Φ_lᵀ Y_l) and ps_apply_states (out_l (+)= Φ_l S_l) compute them from
-//     the r values of a row and a table of the (a, c) pairs; the contraction V_l = Y_l S_lᵀ (cuBLAS,
-//     runs of blocks) then dX_t = ∂(φ(X_t)·V_t)/∂X_t; the prefix/suffix over blocks is a sequential
-//     loop per element;
-//   - the learned sketch runs on chunks of rows, one kernel per sketch block g: forward
-//     GELU(LN(in) W_inᵀ) W_outᵀ with the LayerNorm in the loader and GELU in the epilogue into a
-//     shared-memory hidden tile (only the blocks' outputs and tanh are stored, for every row: the
-//     backward's forward pass leaves them for its sketch backward); backward per (hidden tile,
-//     slice of kGradSliceRows rows) recomputing pre, then act and dh in shared memory feed the
-//     weight-gradient partials (Σ over the slice) and dn partials per hidden tile; the partials are
-//     summed in order (slices into dparams +=, hidden tiles in the LayerNorm backward).
-//   (This replaced Φ materialised per run of blocks for cuBLAS state GEMMs and a sketch of cuBLAS
-//   GEMMs plus LayerNorm / GELU passes storing every activation, 130 ms f+b at B=2 H=12 T=32768
-//   d=64 bf16 on an H100: 129.7 ms after — no net gain; these 64 × 64 block_gemm tiles are
-//   latency-bound (Nsight Compute at B=1 H=4 T=32k: ps_sk_block_bwd 33%, ps_sk_block_fwd 26%,
-//   ps_build_states 14%, ps_apply_states 7% of the time). A later version with flash-style diagonal
-//   blocks and a fused contraction measured 123.9 ms but failed one fp32 T=1 case (dq 1.3e-4 vs
-//   1e-4) and was not kept. Polysketch is 0.42× our softmax at 32k, 1.65× at 131k.)
-// Math: bf16 storage runs every product on the tensor cores in TF32 (block_gemm Tf32::Single,
-// cuBLAS TF32 math: 10 mantissa bits, finer than the bf16 inputs); fp32 storage (the checking
-// path) keeps fp32 accuracy (Tf32::Split, i.e. 3xTF32, and cuBLAS SGEMM). cuBLAS (one handle per
-// Attention object, default stream, no split-K reductions across calls) is bitwise reproducible
-// run to run on one GPU model, so forward and backward are bitwise deterministic.
+//     diagonal: ⟨φ(x), φ(y)⟩ = ⟨x, y⟩², half the r² of x⊗x): build H_l = Φ_lᵀ Y_l, apply
+//     out_l (+)= Φ_l S_l, contract V_l = Y_l S_lᵀ then dX_t = ∂(φ(X_t)·V_t)/∂X_t; the prefix/suffix
+//     over blocks is a sequential loop per element;
+//   - the learned sketch runs on chunks of rows, one forward and one backward kernel per sketch
+//     block g (only the blocks' outputs and tanh are stored, for every row: the backward's forward
+//     pass leaves them for its sketch backward); the backward per (64 hidden units, slice of rows)
+//     writes weight-gradient partials (Σ over the slice) and dn partials per 64 hidden units, summed
+//     in order (slices into dparams +=, hidden tiles in the LayerNorm backward).
+// Speed (B=2 H=12 T=32768 d=64 bf16 f+b on an H100): 129.7 ms with TF32 block_gemm everywhere
+// (latency-bound 64×64 tiles: sketch 59%, states 21% of the time) -> 55.4 ms with the bf16
+// tensor-core sketch and the bf16 cuBLAS states -> 46.0 ms with aligned (ldy) rows, the hardware
+// tanh in the sketch kernels and fewer gradient partials; our softmax: 54.2 ms in the same run.
+// Math: bf16 storage rounds the sketch's LN(x), GELU activations and dh, the features Φ, G and the
+// states to bf16 (2^-9 relative) for the tensor cores, accumulating in fp32, and runs the diagonal
+// blocks in TF32 (cuBLAS TF32 math: 10 mantissa bits); fp32 storage keeps fp32
+// accuracy (Tf32::Split, i.e. 3xTF32, and cuBLAS SGEMM). cuBLAS (one handle per Attention object,
+// default stream, no split-K reductions across calls) is bitwise reproducible run to run on one GPU
+// model, so forward and backward are bitwise deterministic.
 // Storage dtypes float or bf16 (q, k, v, o, params in act dtype); dparams fp32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
