@@ -81,9 +81,10 @@ TEST_P(PolynomialCudaVsCpu, ForwardSavedAndGradients) {
     const Result cpu = run_cpu(c, in, gpu.o);
     // fp32: summation order only; bf16: outputs rounded to bf16 (inputs are identical)
     const double tol = c.dtype == DType::BF16 ? 3e-2 : 1e-4;
-    // gradients pass the p-th power and the LayerNorm backward, which amplify fp32 rounding:
-    // seen 1.2e-4 at T=1, d=128 on the H100
-    const double grad_tol = c.dtype == DType::BF16 ? 3e-2 : 3e-4;
+    // gradients pass the p-th power and the LayerNorm backward, which amplify fp32 rounding; at
+    // T = 1 (the cancelling case below) fp32 itself is the limit: the CPU template in float is up
+    // to 9.8e-4 off the same formulas in double (T=1, d=128, 2001 seeds; the GPU was seen at 3.4e-4)
+    const double grad_tol = c.dtype == DType::BF16 ? 3e-2 : c.T == 1 ? 2e-3 : 3e-4;
     // At T=1, o = w·v/(1+w) with w = <q̂,k̂>^p up to d^p: for large w, dq and dk shrink like 1/w
     // and only rounding noise is left (seen 4.4e-3 relative at T=1, d=128, fp32 on the H100), so
     // they are measured against a floor of 1e-2 rms, far below their size when T > 1.
