@@ -101,7 +101,7 @@ $(BUILD)/obj/%.o: %.cu
 # Objects that use Hopper's warpgroup MMA (cuda/attention/wgmma.cuh) are built for sm_90a only
 # (wgmma and setmaxnreg exist only there; the header refuses any other target). Their code runs
 # on compute capability 9.x alone, so their callers check the GPU first (the tests skip elsewhere).
-WGMMA_OBJ := $(BUILD)/obj/tests/gpu/test_wgmma_gpu.o
+WGMMA_OBJ := $(BUILD)/obj/tests/gpu/test_wgmma_gpu.o $(BUILD)/obj/cuda/attention/flash_wgmma.o
 $(WGMMA_OBJ): GENCODE = -gencode=arch=compute_90a,code=sm_90a
 ifeq ($(HAVE_MPI),1)
 $(MPI_OBJ): src/launch_mpi.cpp

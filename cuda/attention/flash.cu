@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -38,6 +39,7 @@
 #include "check.h"
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/attention/flash_traits.cuh"
+#include "cuda/attention/flash_wgmma.cuh"
 #include "cuda/common.cuh"
 #include "cuda/attention/strided.cuh"
 
@@ -567,9 +569,27 @@ struct FlashArgs {
     float scale, scale_log2;
 };
 
+// The bf16 forward kernel: the Hopper wgmma one (flash_wgmma.cu) on compute capability 9.0, else
+// the mma.sync one; FLASH_FORWARD=mma (or wgmma) in the environment forces one (tests, benchmarks).
+bool use_wgmma_forward() {
+    const char* env = std::getenv("FLASH_FORWARD");
+    if (env && std::string(env) == "mma") return false;
+    if (env && std::string(env) == "wgmma") {
+        CHECK(flash_wgmma_supported(), "FLASH_FORWARD=wgmma: this GPU is not compute capability 9.0; unset it");
+        return true;
+    }
+    static const bool supported = flash_wgmma_supported();
+    return supported;
+}
+
 template <int D, Mask kMask>
 void launch_forward(const FlashArgs& a, DType dt, Strided o, Strided q, Strided k, Strided v,
                     float* lse) {
+    if (dt == DType::BF16 && use_wgmma_forward()) {
+        flash_forward_wgmma(D, kMask == Mask::Window, o, q, k, v, lse, a.s.B, a.s.H, a.s.T, a.window,
+                            a.scale_log2);
+        return;
+    }
     if (dt == DType::BF16) {
         using Tr = FlashTraits<D>;
         auto kernel = flash_forward_bf16<D, kMask>;

@@ -4,6 +4,8 @@
 // lengths, both head dims, the contiguous (B,H,T,d) layout and the model's strided view into a
 // fused (B,T,3,H,d) qkv buffer, and inputs scaled ×1 and ×8 (large logits). Also: `local` with
 // W >= T equals `softmax`, the backward is bitwise deterministic, and bad head dims are refused.
+// On an H100 the bf16 forward runs the Hopper wgmma kernel (flash_wgmma.cu) in all of these; the
+// mma.sync forward (every other GPU) is checked against it on the same inputs (FLASH_FORWARD=mma).
 //
 // Outputs are poisoned with NaN before every launch, so an element the kernel forgets to write
 // fails the comparison. Error measure: ‖gpu − cpu‖ / ‖cpu‖ in double per tensor.
@@ -21,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -31,6 +34,7 @@
 #include "attention.h"
 #include "attn_gpu_harness.h"
 #include "cuda/attention/cuda_variants.cuh"
+#include "cuda/attention/flash_wgmma.cuh"
 #include "gpu_test_util.h"
 #include "ops.h"
 
@@ -171,6 +175,33 @@ const FlashCase kWideCases[] = {
     {"local", 300, 1, 1, 300, 64, false, 1, kF32},
 };
 INSTANTIATE_TEST_SUITE_P(Wide, FlashAttentionLocalWide, ::testing::ValuesIn(kWideCases), param_name);
+
+// ---------------------------------------------------------------- the two bf16 forward kernels
+// The wgmma forward (default on compute capability 9.0) and the mma.sync one (FLASH_FORWARD=mma)
+// on the same inputs: the same algorithm with other summation orders, so O agrees to bf16 rounding
+// of P and O, the fp32 LSE to fp32 rounding. The rest of the run (the backward) follows.
+class FlashForwardKernels : public ::testing::TestWithParam<FlashCase> {};
+
+TEST_P(FlashForwardKernels, WgmmaEqualsMmaSync) {
+    if (!flash_wgmma_supported()) GTEST_SKIP() << "not a compute-capability-9.0 GPU: no wgmma forward";
+    const FlashCase& c = GetParam();
+    const Inputs in = make_inputs(c, gpu_test::fresh_seed());
+    ASSERT_EQ(setenv("FLASH_FORWARD", "mma", 1), 0);
+    const AttnResult mma = run_gpu(c, config_of(c), in);
+    ASSERT_EQ(setenv("FLASH_FORWARD", "wgmma", 1), 0);
+    const AttnResult wg = run_gpu(c, config_of(c), in);
+    unsetenv("FLASH_FORWARD");
+    EXPECT_LE(rel_err(wg.o, mma.o), 1e-2) << "o";
+    EXPECT_LE(rel_err(wg.saved, mma.saved), 1e-5) << "lse";
+    EXPECT_LE(rel_err(wg.dv, mma.dv), 2e-2) << "dv";
+}
+
+const FlashCase kKernelCases[] = {
+    {"softmax", 0, 2, 3, 1000, 64, true, 1, kBF},  {"softmax", 0, 1, 2, 2048, 128, false, 8, kBF},
+    {"softmax", 0, 1, 1, 127, 64, false, 8, kBF},  {"local", 100, 1, 2, 2048, 64, false, 1, kBF},
+    {"local", 300, 2, 1, 1000, 128, true, 1, kBF},
+};
+INSTANTIATE_TEST_SUITE_P(Bf16, FlashForwardKernels, ::testing::ValuesIn(kKernelCases), param_name);
 
 // ---------------------------------------------------------------- refused configurations
 TEST(FlashAttentionChecks, RefusesUnsupportedHeadDim) {

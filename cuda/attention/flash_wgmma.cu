@@ -1,0 +1,193 @@
+// Flash attention forward on Hopper warpgroup MMA (wgmma, sm_90a), the bf16 path of flash.cu on
+// compute capability 9.0. Same algorithm and outputs as flash_forward_bf16 (flash.cu): online
+// softmax over key tiles in the log2 domain, O and the natural-log LSE written at the end.
+//
+// One block of two warpgroups (256 threads) per (query tile of 128 rows, h, b), heaviest tiles
+// first; warpgroup g owns rows 64g..64g+63. Q (128 x d) is loaded once into a 128-byte-swizzled
+// shared tile; K and V tiles of 128 keys are double-buffered with cp.async (wgmma.cuh's tile
+// layout, fence.proxy.async before the barrier). Per key tile each warpgroup runs
+//   S = Q·Kᵀ    wgmma m64n128k16, both operands from shared memory (K-major), d/16 slices;
+//   the mask (diagonal and window-edge tiles only) and the online softmax in registers: the
+//   wgmma accumulator layout is mma.sync's per warp (warp w of the group owns rows 16w..16w+15),
+//   so online_softmax_tile of flash_traits.cuh serves as is;
+//   O += P·V    wgmma m64n{d}k16 with P from registers (the S accumulators rounded to bf16) and
+//   V from shared memory (MN-major), 8 slices.
+// No warp specialisation, TMA or intra-warpgroup overlap yet (FA3's next steps: WGMMA.md); the
+// two warpgroups of a block interleave on the SM.
+#include "cuda/attention/flash_wgmma.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "check.h"
+#include "cuda/attention/strided.cuh"
+#include "cuda/attention/wgmma.cuh"
+#include "cuda/common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kBr = 128;       // query rows per block (64 per warpgroup)
+constexpr int kBc = 128;       // keys per tile
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D>
+struct WgmmaFwd {
+    using QTile = wgmma::SwizzledTile<kBr, D>;
+    using KVTile = wgmma::SwizzledTile<kBc, D>;
+    static constexpr int kSmem = QTile::kBytes + 4 * KVTile::kBytes;  // Q, 2 stages of K and of V
+};
+
+template <bool kWindow>
+__device__ __forceinline__ bool masked(int query, int key, int window) {
+    return key > query || (kWindow && key < query - window + 1);
+}
+
+template <int D, bool kWindow>
+__global__ void __launch_bounds__(kThreads)
+    flash_forward_wgmma_kernel(Strided O, Strided Q, Strided K, Strided V, float* lse, int H, int T,
+                               int window, float scale_log2) {
+    using QTile = typename WgmmaFwd<D>::QTile;
+    using KVTile = typename WgmmaFwd<D>::KVTile;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    bf16* s_q = reinterpret_cast<bf16*>(smem);
+    bf16* s_k = reinterpret_cast<bf16*>(smem + QTile::kBytes);                       // 2 stages
+    bf16* s_v = reinterpret_cast<bf16*>(smem + QTile::kBytes + 2 * KVTile::kBytes);  // 2 stages
+    constexpr int kStage = KVTile::kBytes / 2;  // elements per stage
+
+    const int q_tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+    const int g = lane / 4, c = lane % 4;
+    const int q0 = q_tile * kBr, q_end = q0 + kBr - 1;
+    const int kt_first = kWindow ? max(0, q0 - window + 1) / kBc : 0;
+    const int kt_last = min(q_end, T - 1) / kBc;
+
+    const bf16* q_base = head_slice<const bf16>(Q, b, h);
+    const bf16* k_base = head_slice<const bf16>(K, b, h);
+    const bf16* v_base = head_slice<const bf16>(V, b, h);
+    wgmma::load_tile_async<QTile, kThreads>(s_q, q_base + (int64_t)q0 * Q.st, Q.st, T - q0, tid);
+    auto load_kv = [&](int kt, int stage) {
+        const int k0 = kt * kBc;
+        wgmma::load_tile_async<KVTile, kThreads>(s_k + stage * kStage, k_base + (int64_t)k0 * K.st, K.st, T - k0, tid);
+        wgmma::load_tile_async<KVTile, kThreads>(s_v + stage * kStage, v_base + (int64_t)k0 * V.st, V.st, T - k0, tid);
+    };
+    load_kv(kt_first, 0);
+    cp_async_commit();
+
+    // this thread's rows: r_lo = wg_row0 + 16·warp + g and r_lo + 8
+    const int wg_row0 = q0 + 64 * wg, wg_row_end = wg_row0 + 63;
+    const int r_lo = wg_row0 + 16 * warp + g;
+    float o[1][D / 8][4] = {};  // unnormalised O (the wgmma accumulator layout = o[0][j][e])
+    float m_run[1][2] = {{-INFINITY, -INFINITY}}, l_run[1][2] = {{0.f, 0.f}};
+    const uint64_t desc_q = wgmma::desc_k_major(smem_addr(s_q), 64 * wg);
+    auto& o_flat = reinterpret_cast<float(&)[D / 2]>(o);
+
+    for (int kt = kt_first; kt <= kt_last; ++kt) {
+        const int stage = (kt - kt_first) & 1;
+        if (kt < kt_last) {  // prefetch the next K/V tile into the other stage
+            load_kv(kt + 1, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        const uint64_t desc_k = wgmma::desc_k_major(smem_addr(s_k + stage * kStage));
+        const uint64_t desc_v = wgmma::desc_mn_major<KVTile>(smem_addr(s_v + stage * kStage));
+        const int k0 = kt * kBc, k_end = k0 + kBc - 1;
+        // every warpgroup runs every tile (wgmma is warpgroup-wide); rows that see no key of it
+        // get -inf scores and an unchanged state
+        float s[1][kBc / 8][4];
+        auto& s_flat = reinterpret_cast<float(&)[kBc / 2]>(s);
+#pragma unroll
+        for (int i = 0; i < kBc / 2; ++i) s_flat[i] = 0.f;
+        wgmma::fence_operand(s_flat);
+        wgmma::warpgroup_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma::mma_ss<kBc, 0, 0>(s_flat, wgmma::desc_advance(desc_q, wgmma::k_major_slice_bytes<QTile>(kk)),
+                                     wgmma::desc_advance(desc_k, wgmma::k_major_slice_bytes<KVTile>(kk)), kk > 0);
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operand(s_flat);
+
+        const bool edge = k_end > wg_row0 || (kWindow && k0 < wg_row_end - window + 1);
+        if (edge) {
+#pragma unroll
+            for (int j = 0; j < kBc / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (masked<kWindow>(r_lo + (e & 2) * 4, k0 + 8 * j + 2 * c + (e & 1), window))
+                        s[0][j][e] = -INFINITY;
+        }
+        online_softmax_tile<D, kBc, 1>(s, m_run, l_run, o, scale_log2);
+
+        uint32_t p[kBc / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kBc / 16; ++kk) {
+            wgmma::acc_to_a(p[kk], s_flat, kk);
+            wgmma::fence_operand(p[kk]);
+        }
+        wgmma::fence_operand(o_flat);
+        wgmma::warpgroup_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBc / 16; ++kk)
+            wgmma::mma_rs<D, 1>(o_flat, p[kk], wgmma::desc_advance(desc_v, wgmma::mn_major_slice_bytes(kk)), 1);
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operand(o_flat);
+        __syncthreads();  // the stage read here is overwritten by the next prefetch
+    }
+
+    // O /= l; LSE = (m + log2 l)·ln 2; a row without keys gives O = 0, LSE = -inf
+    bf16* o_base = head_slice<bf16>(O, b, h);
+    float* lse_base = lse + ((int64_t)b * H + h) * T;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float l = l_run[0][half];
+        l += __shfl_xor_sync(kFullMask, l, 1);
+        l += __shfl_xor_sync(kFullMask, l, 2);
+        const int row = r_lo + 8 * half;
+        if (row >= T) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        bf16* o_row = o_base + (int64_t)row * O.st;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+            *reinterpret_cast<__nv_bfloat162*>(o_row + dn * 8 + 2 * c) =
+                __floats2bfloat162_rn(o[0][dn][2 * half] * inv, o[0][dn][2 * half + 1] * inv);
+        if (c == 0) lse_base[row] = l > 0.f ? (m_run[0][half] + log2f(l)) * kLn2 : -INFINITY;
+    }
+}
+
+template <int D, bool kWindow>
+void launch(Strided o, Strided q, Strided k, Strided v, float* lse, int B, int H, int T, int window,
+            float scale_log2) {
+    constexpr int smem = WgmmaFwd<D>::kSmem;
+    auto kernel = flash_forward_wgmma_kernel<D, kWindow>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const dim3 grid(ceil_div(T, kBr), H, B);
+    kernel<<<grid, kThreads, smem>>>(o, q, k, v, lse, H, T, window, scale_log2);
+    CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool flash_wgmma_supported() {
+    int dev = 0, major = 0, minor = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    return major == 9 && minor == 0;
+}
+
+void flash_forward_wgmma(int d, bool windowed, Strided o, Strided q, Strided k, Strided v, float* lse,
+                         int B, int H, int T, int window, float scale_log2) {
+    CHECK(d == 64 || d == 128, "flash attention (wgmma): head dim %d is not 64 or 128", d);
+    if (d == 64)
+        windowed ? launch<64, true>(o, q, k, v, lse, B, H, T, window, scale_log2)
+                 : launch<64, false>(o, q, k, v, lse, B, H, T, window, scale_log2);
+    else
+        windowed ? launch<128, true>(o, q, k, v, lse, B, H, T, window, scale_log2)
+                 : launch<128, false>(o, q, k, v, lse, B, H, T, window, scale_log2);
+}

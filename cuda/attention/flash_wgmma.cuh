@@ -1,0 +1,16 @@
+// The Hopper (sm_90) forward of flash attention (cuda/attention/flash_wgmma.cu, built for sm_90a
+// only) as seen by flash.cu: whether this GPU runs it, and its launcher. flash.cu picks it for bf16
+// on compute capability 9.0 unless FLASH_FORWARD=mma asks for the mma.sync kernel (the path of
+// every other GPU; tests and benchmarks compare the two).
+#pragma once
+
+struct Strided;  // cuda/attention/strided.cuh (this header is included by host-only tests too)
+
+// true on a compute-capability-9.0 GPU (the current device)
+bool flash_wgmma_supported();
+
+// o (B,H,T,d) bf16, lse (B,H,T) fp32 natural log <- q, k, v bf16 (B,H,T,d); d = 64 or 128;
+// window > 0 with windowed: query i sees keys i-W+1 .. i, else causal. Same outputs as
+// flash.cu's flash_forward_bf16 up to summation order.
+void flash_forward_wgmma(int d, bool windowed, Strided o, Strided q, Strided k, Strided v, float* lse,
+                         int B, int H, int T, int window, float scale_log2);
