@@ -184,13 +184,6 @@ __global__ void flash_backward_delta(float* delta, Strided dO, Strided O, int H,
     if (lane == 0) delta[r] = acc;
 }
 
-// LSE in log2 units for the backward; -inf (a row without keys) and padding rows become +inf so
-// that P = exp2(S - LSE) = 0 there instead of inf·0 = NaN.
-__device__ __forceinline__ float lse_log2_or_inf(const float* lse_bh, int t, int T) {
-    if (t >= T) return INFINITY;
-    const float x = lse_bh[t];
-    return x == -INFINITY ? INFINITY : x * kLog2e;
-}
 
 // ============================================================================ bf16 dQ
 // dq (B,H,T,d) = scale·Σ_j dS_ij·K_j with dS = P∘(dO·Vᵀ - Δ), P = exp(S - LSE). One block per
@@ -569,13 +562,14 @@ struct FlashArgs {
     float scale, scale_log2;
 };
 
-// The bf16 forward kernel: the Hopper wgmma one (flash_wgmma.cu) on compute capability 9.0, else
-// the mma.sync one; FLASH_FORWARD=mma (or wgmma) in the environment forces one (tests, benchmarks).
-bool use_wgmma_forward() {
-    const char* env = std::getenv("FLASH_FORWARD");
+// The bf16 forward and dQ kernels: the Hopper wgmma ones (flash_wgmma.cu) on compute capability
+// 9.0, else the mma.sync ones; FLASH_KERNELS=mma (or wgmma) in the environment forces one kind
+// (tests, benchmarks).
+bool use_wgmma() {
+    const char* env = std::getenv("FLASH_KERNELS");
     if (env && std::string(env) == "mma") return false;
     if (env && std::string(env) == "wgmma") {
-        CHECK(flash_wgmma_supported(), "FLASH_FORWARD=wgmma: this GPU is not compute capability 9.0; unset it");
+        CHECK(flash_wgmma_supported(), "FLASH_KERNELS=wgmma: this GPU is not compute capability 9.0; unset it");
         return true;
     }
     static const bool supported = flash_wgmma_supported();
@@ -585,7 +579,7 @@ bool use_wgmma_forward() {
 template <int D, Mask kMask>
 void launch_forward(const FlashArgs& a, DType dt, Strided o, Strided q, Strided k, Strided v,
                     float* lse) {
-    if (dt == DType::BF16 && use_wgmma_forward()) {
+    if (dt == DType::BF16 && use_wgmma()) {
         flash_forward_wgmma(D, kMask == Mask::Window, o, q, k, v, lse, a.s.B, a.s.H, a.s.T, a.window,
                             a.scale_log2);
         return;
@@ -620,6 +614,11 @@ void launch_backward(const FlashArgs& a, DType dt, Strided dq, Strided dk, Strid
         dkdv<<<dim3(ceil_div(T, Tr::kBcKV), H, a.s.B), Tr::kThreads, Tr::kDkvSmem>>>(
             dk, dv, q, k, v, d_o, lse, delta, H, T, a.window, a.scale_log2, a.scale);
         CUDA_LAUNCH_CHECK();
+        if (use_wgmma()) {
+            flash_backward_dq_wgmma(D, kMask == Mask::Window, dq, q, k, v, d_o, lse, delta, a.s.B, H, T, a.window,
+                                    a.scale_log2, a.scale);
+            return;
+        }
         auto dq_kernel = flash_backward_dq_bf16<D, kMask>;
         set_smem(dq_kernel, Tr::kDqSmem);
         dq_kernel<<<dim3(ceil_div(T, Tr::kBrQ), H, a.s.B), Tr::kThreads, Tr::kDqSmem>>>(

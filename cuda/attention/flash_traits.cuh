@@ -216,6 +216,14 @@ __device__ __forceinline__ void warp_gemm_pv_m(float (&acc)[kM][D / 8][4],
     }
 }
 
+// LSE (natural log, (B,H,T) row t of one head) in log2 units for the backward; -inf (a row without
+// keys) and padding rows become +inf so that P = exp2(S - LSE) = 0 there instead of inf·0 = NaN.
+__device__ __forceinline__ float lse_log2_or_inf(const float* lse_bh, int t, int T) {
+    if (t >= T) return INFINITY;
+    const float x = lse_bh[t];
+    return x == -INFINITY ? INFINITY : x * 1.4426950408889634f;  // log2(e)
+}
+
 // ---------------------------------------------------------------- online softmax
 // One key tile's step of the online softmax (log2 units) for a warp's kM row tiles: s (16·kM × Bc,
 // accumulator layout) holds scores, scaled by scale_log2 here (pass 1 for scores already scaled

@@ -160,6 +160,158 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// ============================================================================ dQ
+// dq (B,H,T,d) = scale·Σ_j dS_ij·K_j with dS = P∘(dO·Vᵀ − Δ), P = exp2(S·scale_log2 − LSE₂): the
+// mma.sync flash_backward_dq_bf16 of flash.cu on wgmma. One block of two warpgroups per query tile
+// of 128 rows (64 per warpgroup); Q and dO loaded once, K and V tiles of kBcDq keys double-buffered.
+// Per key tile: S = Q·Kᵀ and dP = dO·Vᵀ (both SS, K-major, one commit group), dS in registers
+// (masked entries 0), dQ += dS·K (RS, K as the MN-major operand of the same shared tile).
+template <int D>
+struct WgmmaDq {
+    static constexpr int kBc = D == 64 ? 128 : 64;  // keys per tile: S, dP and dQ fit the registers
+    using QTile = wgmma::SwizzledTile<kBr, D>;
+    using KVTile = wgmma::SwizzledTile<kBc, D>;
+    static constexpr int kSmem = 2 * QTile::kBytes + 4 * KVTile::kBytes;  // Q, dO, 2 stages of K and of V
+};
+
+template <int D, bool kWindow>
+__global__ void __launch_bounds__(kThreads)
+    flash_backward_dq_wgmma_kernel(Strided dQ, Strided Q, Strided K, Strided V, Strided dO, const float* lse,
+                                   const float* delta, int H, int T, int window, float scale_log2, float scale) {
+    using Cfg = WgmmaDq<D>;
+    using QTile = typename Cfg::QTile;
+    using KVTile = typename Cfg::KVTile;
+    constexpr int Bc = Cfg::kBc;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    bf16* s_q = reinterpret_cast<bf16*>(smem);
+    bf16* s_do = reinterpret_cast<bf16*>(smem + QTile::kBytes);
+    bf16* s_k = reinterpret_cast<bf16*>(smem + 2 * QTile::kBytes);                       // 2 stages
+    bf16* s_v = reinterpret_cast<bf16*>(smem + 2 * QTile::kBytes + 2 * KVTile::kBytes);  // 2 stages
+    constexpr int kStage = KVTile::kBytes / 2;
+
+    const int q_tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+    const int g = lane / 4, c = lane % 4;
+    const int q0 = q_tile * kBr, q_end = q0 + kBr - 1;
+    const int kt_first = kWindow ? max(0, q0 - window + 1) / Bc : 0;
+    const int kt_last = min(q_end, T - 1) / Bc;
+
+    const bf16* k_base = head_slice<const bf16>(K, b, h);
+    const bf16* v_base = head_slice<const bf16>(V, b, h);
+    wgmma::load_tile_async<QTile, kThreads>(s_q, head_slice<const bf16>(Q, b, h) + (int64_t)q0 * Q.st, Q.st,
+                                            T - q0, tid);
+    wgmma::load_tile_async<QTile, kThreads>(s_do, head_slice<const bf16>(dO, b, h) + (int64_t)q0 * dO.st, dO.st,
+                                            T - q0, tid);
+    auto load_kv = [&](int kt, int stage) {
+        const int k0 = kt * Bc;
+        wgmma::load_tile_async<KVTile, kThreads>(s_k + stage * kStage, k_base + (int64_t)k0 * K.st, K.st, T - k0, tid);
+        wgmma::load_tile_async<KVTile, kThreads>(s_v + stage * kStage, v_base + (int64_t)k0 * V.st, V.st, T - k0, tid);
+    };
+    load_kv(kt_first, 0);
+    cp_async_commit();
+
+    // this thread's rows r_lo, r_lo + 8: their LSE (log2 units) and Δ
+    const int wg_row0 = q0 + 64 * wg, wg_row_end = wg_row0 + 63;
+    const int r_lo = wg_row0 + 16 * warp + g;
+    const int64_t bh = (int64_t)b * H + h;
+    float lse2[2], dlt[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = r_lo + 8 * half;
+        lse2[half] = lse_log2_or_inf(lse + bh * T, row, T);
+        dlt[half] = row < T ? delta[bh * T + row] : 0.f;
+    }
+    float dq[D / 2] = {};
+    const uint64_t desc_q = wgmma::desc_k_major(smem_addr(s_q), 64 * wg);
+    const uint64_t desc_do = wgmma::desc_k_major(smem_addr(s_do), 64 * wg);
+
+    for (int kt = kt_first; kt <= kt_last; ++kt) {
+        const int stage = (kt - kt_first) & 1;
+        if (kt < kt_last) {
+            load_kv(kt + 1, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        const uint32_t k_addr = smem_addr(s_k + stage * kStage);
+        const uint64_t desc_k = wgmma::desc_k_major(k_addr);
+        const uint64_t desc_kmn = wgmma::desc_mn_major<KVTile>(k_addr);
+        const uint64_t desc_v = wgmma::desc_k_major(smem_addr(s_v + stage * kStage));
+        const int k0 = kt * Bc, k_end = k0 + Bc - 1;
+        float s[Bc / 2], dp[Bc / 2];  // S, then P, then dS; dP
+#pragma unroll
+        for (int i = 0; i < Bc / 2; ++i) s[i] = dp[i] = 0.f;
+        wgmma::fence_operand(s);
+        wgmma::fence_operand(dp);
+        wgmma::warpgroup_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma::mma_ss<Bc, 0, 0>(s, wgmma::desc_advance(desc_q, wgmma::k_major_slice_bytes<QTile>(kk)),
+                                    wgmma::desc_advance(desc_k, wgmma::k_major_slice_bytes<KVTile>(kk)), kk > 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma::mma_ss<Bc, 0, 0>(dp, wgmma::desc_advance(desc_do, wgmma::k_major_slice_bytes<QTile>(kk)),
+                                    wgmma::desc_advance(desc_v, wgmma::k_major_slice_bytes<KVTile>(kk)), kk > 0);
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operand(s);
+        wgmma::fence_operand(dp);
+
+        const bool edge = k_end > wg_row0 || (kWindow && k0 < wg_row_end - window + 1);
+#pragma unroll
+        for (int j = 0; j < Bc / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 4 * j + e, half = e >> 1;
+                const float p = exp2f(fmaf(s[i], scale_log2, -lse2[half]));
+                s[i] = p * (dp[i] - dlt[half]);
+                if (edge && masked<kWindow>(r_lo + 8 * half, k0 + 8 * j + 2 * c + (e & 1), window))
+                    s[i] = 0.f;  // dS = 0 where masked (P would be exactly 0 there)
+            }
+        uint32_t a[Bc / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk) {
+            wgmma::acc_to_a(a[kk], s, kk);
+            wgmma::fence_operand(a[kk]);
+        }
+        wgmma::fence_operand(dq);
+        wgmma::warpgroup_fence();
+#pragma unroll
+        for (int kk = 0; kk < Bc / 16; ++kk)
+            wgmma::mma_rs<D, 1>(dq, a[kk], wgmma::desc_advance(desc_kmn, wgmma::mn_major_slice_bytes(kk)), 1);
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operand(dq);
+        __syncthreads();  // the stage read here is overwritten by the next prefetch
+    }
+
+    bf16* dq_base = head_slice<bf16>(dQ, b, h);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = r_lo + 8 * half;
+        if (row >= T) continue;
+        bf16* dq_row = dq_base + (int64_t)row * dQ.st;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn)
+            *reinterpret_cast<__nv_bfloat162*>(dq_row + dn * 8 + 2 * c) =
+                __floats2bfloat162_rn(dq[4 * dn + 2 * half] * scale, dq[4 * dn + 2 * half + 1] * scale);
+    }
+}
+
+template <int D, bool kWindow>
+void launch_dq(Strided dq, Strided q, Strided k, Strided v, Strided d_o, const float* lse, const float* delta,
+               int B, int H, int T, int window, float scale_log2, float scale) {
+    constexpr int smem = WgmmaDq<D>::kSmem;
+    auto kernel = flash_backward_dq_wgmma_kernel<D, kWindow>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const dim3 grid(ceil_div(T, kBr), H, B);
+    kernel<<<grid, kThreads, smem>>>(dq, q, k, v, d_o, lse, delta, H, T, window, scale_log2, scale);
+    CUDA_LAUNCH_CHECK();
+}
+
 template <int D, bool kWindow>
 void launch(Strided o, Strided q, Strided k, Strided v, float* lse, int B, int H, int T, int window,
             float scale_log2) {
@@ -190,4 +342,16 @@ void flash_forward_wgmma(int d, bool windowed, Strided o, Strided q, Strided k, 
     else
         windowed ? launch<128, true>(o, q, k, v, lse, B, H, T, window, scale_log2)
                  : launch<128, false>(o, q, k, v, lse, B, H, T, window, scale_log2);
+}
+
+void flash_backward_dq_wgmma(int d, bool windowed, Strided dq, Strided q, Strided k, Strided v, Strided d_o,
+                             const float* lse, const float* delta, int B, int H, int T, int window, float scale_log2,
+                             float scale) {
+    CHECK(d == 64 || d == 128, "flash attention (wgmma): head dim %d is not 64 or 128", d);
+    if (d == 64)
+        windowed ? launch_dq<64, true>(dq, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale)
+                 : launch_dq<64, false>(dq, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale);
+    else
+        windowed ? launch_dq<128, true>(dq, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale)
+                 : launch_dq<128, false>(dq, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale);
 }

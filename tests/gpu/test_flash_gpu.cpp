@@ -4,8 +4,8 @@
 // lengths, both head dims, the contiguous (B,H,T,d) layout and the model's strided view into a
 // fused (B,T,3,H,d) qkv buffer, and inputs scaled ×1 and ×8 (large logits). Also: `local` with
 // W >= T equals `softmax`, the backward is bitwise deterministic, and bad head dims are refused.
-// On an H100 the bf16 forward runs the Hopper wgmma kernel (flash_wgmma.cu) in all of these; the
-// mma.sync forward (every other GPU) is checked against it on the same inputs (FLASH_FORWARD=mma).
+// On an H100 the bf16 forward and dQ run the Hopper wgmma kernels (flash_wgmma.cu) in all of these;
+// the mma.sync ones (every other GPU) are checked against them on the same inputs (FLASH_KERNELS=mma).
 //
 // Outputs are poisoned with NaN before every launch, so an element the kernel forgets to write
 // fails the comparison. Error measure: ‖gpu − cpu‖ / ‖cpu‖ in double per tensor.
@@ -176,24 +176,25 @@ const FlashCase kWideCases[] = {
 };
 INSTANTIATE_TEST_SUITE_P(Wide, FlashAttentionLocalWide, ::testing::ValuesIn(kWideCases), param_name);
 
-// ---------------------------------------------------------------- the two bf16 forward kernels
-// The wgmma forward (default on compute capability 9.0) and the mma.sync one (FLASH_FORWARD=mma)
-// on the same inputs: the same algorithm with other summation orders, so O agrees to bf16 rounding
-// of P and O, the fp32 LSE to fp32 rounding. The rest of the run (the backward) follows.
+// ---------------------------------------------------------------- the two kinds of bf16 kernels
+// The wgmma forward and dQ (default on compute capability 9.0) and the mma.sync ones
+// (FLASH_KERNELS=mma) on the same inputs: the same algorithm with other summation orders, so O
+// agrees to bf16 rounding of P and O, the fp32 LSE to fp32 rounding, dq to bf16 rounding of dS.
 class FlashForwardKernels : public ::testing::TestWithParam<FlashCase> {};
 
 TEST_P(FlashForwardKernels, WgmmaEqualsMmaSync) {
     if (!flash_wgmma_supported()) GTEST_SKIP() << "not a compute-capability-9.0 GPU: no wgmma forward";
     const FlashCase& c = GetParam();
     const Inputs in = make_inputs(c, gpu_test::fresh_seed());
-    ASSERT_EQ(setenv("FLASH_FORWARD", "mma", 1), 0);
+    ASSERT_EQ(setenv("FLASH_KERNELS", "mma", 1), 0);
     const AttnResult mma = run_gpu(c, config_of(c), in);
-    ASSERT_EQ(setenv("FLASH_FORWARD", "wgmma", 1), 0);
+    ASSERT_EQ(setenv("FLASH_KERNELS", "wgmma", 1), 0);
     const AttnResult wg = run_gpu(c, config_of(c), in);
-    unsetenv("FLASH_FORWARD");
+    unsetenv("FLASH_KERNELS");
     EXPECT_LE(rel_err(wg.o, mma.o), 1e-2) << "o";
     EXPECT_LE(rel_err(wg.saved, mma.saved), 1e-5) << "lse";
     EXPECT_LE(rel_err(wg.dv, mma.dv), 2e-2) << "dv";
+    EXPECT_LE(gpu_test::rel_err_floor(wg.dq, mma.dq, 1e-2 * gpu_test::rms(mma.dv)), 2e-2) << "dq";
 }
 
 const FlashCase kKernelCases[] = {
