@@ -43,6 +43,37 @@ __device__ __forceinline__ bool masked(int query, int key, int window) {
     return key > query || (kWindow && key < query - window + 1);
 }
 
+// The two products of both kernels, by one warpgroup (wgmma.cuh's synchronisation recipe).
+// acc (64 x N) = A·Bᵀ over the D/16 k16 slices: A the warpgroup's 64 rows of a K-major tile
+// (desc_a), B the N rows of a K-major tile (desc_b). Issued only: the caller zeroes and fences the
+// accumulators before, and commits, waits and fences after (several products share one group).
+template <int N, int D, class ATile, class BTile>
+__device__ __forceinline__ void issue_abt(float (&acc)[N / 2], uint64_t desc_a, uint64_t desc_b) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        wgmma::mma_ss<N, 0, 0>(acc, wgmma::desc_advance(desc_a, wgmma::k_major_slice_bytes<ATile>(kk)),
+                               wgmma::desc_advance(desc_b, wgmma::k_major_slice_bytes<BTile>(kk)), kk > 0);
+}
+// acc (64 x D) += bf16(P)·B, complete: P (64 x K) the fp32 accumulators p, rounded to bf16 A
+// fragments in registers; B (K x D) a row-major tile read as the MN-major operand (desc_b).
+template <int D, int K>
+__device__ __forceinline__ void accumulate_pb(float (&acc)[D / 2], const float (&p)[K / 2], uint64_t desc_b) {
+    uint32_t a[K / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+        wgmma::acc_to_a(a[kk], p, kk);
+        wgmma::fence_operand(a[kk]);
+    }
+    wgmma::fence_operand(acc);
+    wgmma::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk)
+        wgmma::mma_rs<D, 1>(acc, a[kk], wgmma::desc_advance(desc_b, wgmma::mn_major_slice_bytes(kk)), 1);
+    wgmma::commit_group();
+    wgmma::wait_group<0>();
+    wgmma::fence_operand(acc);
+}
+
 template <int D, bool kWindow>
 __global__ void __launch_bounds__(kThreads)
     flash_forward_wgmma_kernel(Strided O, Strided Q, Strided K, Strided V, float* lse, int H, int T,
@@ -104,10 +135,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < kBc / 2; ++i) s_flat[i] = 0.f;
         wgmma::fence_operand(s_flat);
         wgmma::warpgroup_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wgmma::mma_ss<kBc, 0, 0>(s_flat, wgmma::desc_advance(desc_q, wgmma::k_major_slice_bytes<QTile>(kk)),
-                                     wgmma::desc_advance(desc_k, wgmma::k_major_slice_bytes<KVTile>(kk)), kk > 0);
+        issue_abt<kBc, D, QTile, KVTile>(s_flat, desc_q, desc_k);  // S = Q·Kᵀ
         wgmma::commit_group();
         wgmma::wait_group<0>();
         wgmma::fence_operand(s_flat);
@@ -123,20 +151,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         online_softmax_tile<D, kBc, 1>(s, m_run, l_run, o, scale_log2);
 
-        uint32_t p[kBc / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kBc / 16; ++kk) {
-            wgmma::acc_to_a(p[kk], s_flat, kk);
-            wgmma::fence_operand(p[kk]);
-        }
-        wgmma::fence_operand(o_flat);
-        wgmma::warpgroup_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBc / 16; ++kk)
-            wgmma::mma_rs<D, 1>(o_flat, p[kk], wgmma::desc_advance(desc_v, wgmma::mn_major_slice_bytes(kk)), 1);
-        wgmma::commit_group();
-        wgmma::wait_group<0>();
-        wgmma::fence_operand(o_flat);
+        accumulate_pb<D, kBc>(o_flat, s_flat, desc_v);  // O += P·V
         __syncthreads();  // the stage read here is overwritten by the next prefetch
     }
 
@@ -247,14 +262,8 @@ __global__ void __launch_bounds__(kThreads)
         wgmma::fence_operand(s);
         wgmma::fence_operand(dp);
         wgmma::warpgroup_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wgmma::mma_ss<Bc, 0, 0>(s, wgmma::desc_advance(desc_q, wgmma::k_major_slice_bytes<QTile>(kk)),
-                                    wgmma::desc_advance(desc_k, wgmma::k_major_slice_bytes<KVTile>(kk)), kk > 0);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wgmma::mma_ss<Bc, 0, 0>(dp, wgmma::desc_advance(desc_do, wgmma::k_major_slice_bytes<QTile>(kk)),
-                                    wgmma::desc_advance(desc_v, wgmma::k_major_slice_bytes<KVTile>(kk)), kk > 0);
+        issue_abt<Bc, D, QTile, KVTile>(s, desc_q, desc_k);    // S = Q·Kᵀ
+        issue_abt<Bc, D, QTile, KVTile>(dp, desc_do, desc_v);  // dP = dO·Vᵀ
         wgmma::commit_group();
         wgmma::wait_group<0>();
         wgmma::fence_operand(s);
@@ -271,20 +280,7 @@ __global__ void __launch_bounds__(kThreads)
                 if (edge && masked<kWindow>(r_lo + 8 * half, k0 + 8 * j + 2 * c + (e & 1), window))
                     s[i] = 0.f;  // dS = 0 where masked (P would be exactly 0 there)
             }
-        uint32_t a[Bc / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk) {
-            wgmma::acc_to_a(a[kk], s, kk);
-            wgmma::fence_operand(a[kk]);
-        }
-        wgmma::fence_operand(dq);
-        wgmma::warpgroup_fence();
-#pragma unroll
-        for (int kk = 0; kk < Bc / 16; ++kk)
-            wgmma::mma_rs<D, 1>(dq, a[kk], wgmma::desc_advance(desc_kmn, wgmma::mn_major_slice_bytes(kk)), 1);
-        wgmma::commit_group();
-        wgmma::wait_group<0>();
-        wgmma::fence_operand(dq);
+        accumulate_pb<D, Bc>(dq, s, desc_kmn);  // dQ += dS·K
         __syncthreads();  // the stage read here is overwritten by the next prefetch
     }
 
