@@ -87,8 +87,11 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
     const bf16* k_base = head_slice<const bf16>(K, b, h);
     const bf16* v_base = head_slice<const bf16>(V, b, h);
     load_tile_async<Br, D, Tr::kThreads>(s_q, q_base, Q.st, q0, T, tid);
-    load_tile_async<Bc, D, Tr::kThreads>(s_k, k_base, K.st, kt_first * Bc, T, tid);
-    load_tile_async<Bc, D, Tr::kThreads>(s_v, v_base, V.st, kt_first * Bc, T, tid);
+    auto load_kv = [&](int kt, int stage) {  // K and V tile kt into stage
+        load_tile_async<Bc, D, Tr::kThreads>(s_k + stage * Bc * D, k_base, K.st, kt * Bc, T, tid);
+        load_tile_async<Bc, D, Tr::kThreads>(s_v + stage * Bc * D, v_base, V.st, kt * Bc, T, tid);
+    };
+    load_kv(kt_first, 0);
     cp_async_commit();
 
     // the warp's rows w0 .. w_end; this thread's rows: row(m, half) = w0 + 16m + 8half + g
@@ -102,16 +105,7 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
 
     for (int kt = kt_first; kt <= kt_last; ++kt) {
         const int stage = (kt - kt_first) & 1;
-        if (kt < kt_last) {  // prefetch the next K/V tile into the other stage
-            load_tile_async<Bc, D, Tr::kThreads>(s_k + (stage ^ 1) * Bc * D, k_base, K.st,
-                                                 (kt + 1) * Bc, T, tid);
-            load_tile_async<Bc, D, Tr::kThreads>(s_v + (stage ^ 1) * Bc * D, v_base, V.st,
-                                                 (kt + 1) * Bc, T, tid);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(kt < kt_last, [&] { load_kv(kt + 1, stage ^ 1); });
         __syncthreads();
         if constexpr (Tr::kFwdQInRegs)
             if (kt == kt_first)
@@ -219,8 +213,11 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
     const bf16* v_base = head_slice<const bf16>(V, b, h);
     load_tile_async<Br, D, Tr::kThreads>(s_q, head_slice<const bf16>(Q, b, h), Q.st, q0, T, tid);
     load_tile_async<Br, D, Tr::kThreads>(s_do, head_slice<const bf16>(dO, b, h), dO.st, q0, T, tid);
-    load_tile_async<Bc, D, Tr::kThreads>(s_k, k_base, K.st, kt_first * Bc, T, tid);
-    load_tile_async<Bc, D, Tr::kThreads>(s_v, v_base, V.st, kt_first * Bc, T, tid);
+    auto load_kv = [&](int kt, int stage) {  // K and V tile kt into stage
+        load_tile_async<Bc, D, Tr::kThreads>(s_k + stage * Bc * D, k_base, K.st, kt * Bc, T, tid);
+        load_tile_async<Bc, D, Tr::kThreads>(s_v + stage * Bc * D, v_base, V.st, kt * Bc, T, tid);
+    };
+    load_kv(kt_first, 0);
     cp_async_commit();
 
     // the warp's rows w0 .. w_end; this thread's rows: w0 + 16m + 8half + g
@@ -236,16 +233,7 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
 
     for (int kt = kt_first; kt <= kt_last; ++kt) {
         const int stage = (kt - kt_first) & 1;
-        if (kt < kt_last) {
-            load_tile_async<Bc, D, Tr::kThreads>(s_k + (stage ^ 1) * Bc * D, k_base, K.st,
-                                                 (kt + 1) * Bc, T, tid);
-            load_tile_async<Bc, D, Tr::kThreads>(s_v + (stage ^ 1) * Bc * D, v_base, V.st,
-                                                 (kt + 1) * Bc, T, tid);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(kt < kt_last, [&] { load_kv(kt + 1, stage ^ 1); });
         __syncthreads();
         const bf16* tile_k = s_k + stage * Bc * D;
         const bf16* tile_v = s_v + stage * Bc * D;
@@ -350,13 +338,7 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
 
     for (int qt = qt_first; qt <= qt_last; ++qt) {
         const int stage = (qt - qt_first) & 1;
-        if (qt < qt_last) {
-            load_query_tile(qt + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(qt < qt_last, [&] { load_query_tile(qt + 1, stage ^ 1); });
         __syncthreads();
         const bf16* tile_q = s_q + stage * Br * D;
         const bf16* tile_do = s_do + stage * Br * D;

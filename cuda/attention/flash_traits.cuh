@@ -72,6 +72,19 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
+// The wait of a two-stage cp.async pipeline, before the block works on the current stage: when
+// there is a next tile, start its copies into the other stage (prefetch_next) and wait until only
+// those are in flight; else wait until none is. The caller's barrier follows.
+template <typename Prefetch>
+__device__ __forceinline__ void cp_async_next_stage(bool has_next, Prefetch prefetch_next) {
+    if (has_next) {
+        prefetch_next();
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+}
 
 // Rows [t0, t0 + R) of one (b, h) slice (row stride `st` elements) -> swizzled tile (R, D);
 // rows >= T are zero-filled, so ragged tiles need no special case in the math.

@@ -115,13 +115,7 @@ __global__ void __launch_bounds__(kThreads)
 
     for (int kt = kt_first; kt <= kt_last; ++kt) {
         const int stage = (kt - kt_first) & 1;
-        if (kt < kt_last) {  // prefetch the next K/V tile into the other stage
-            load_kv(kt + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(kt < kt_last, [&] { load_kv(kt + 1, stage ^ 1); });
         wgmma::fence_proxy_async();
         __syncthreads();
         const uint64_t desc_k = wgmma::desc_k_major(smem_addr(s_k + stage * kStage));
@@ -242,13 +236,7 @@ __global__ void __launch_bounds__(kThreads)
 
     for (int kt = kt_first; kt <= kt_last; ++kt) {
         const int stage = (kt - kt_first) & 1;
-        if (kt < kt_last) {
-            load_kv(kt + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(kt < kt_last, [&] { load_kv(kt + 1, stage ^ 1); });
         wgmma::fence_proxy_async();
         __syncthreads();
         const uint32_t k_addr = smem_addr(s_k + stage * kStage);

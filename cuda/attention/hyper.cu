@@ -601,13 +601,7 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
 
     for (int tile = 0; tile < kt.tiles; ++tile) {
         const int stage = tile & 1;
-        if (tile + 1 < kt.tiles) {
-            load_key_tile(tile + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(tile + 1 < kt.tiles, [&] { load_key_tile(tile + 1, stage ^ 1); });
         __syncthreads();
         if constexpr (HyperTiles<D>::kFwdQInRegs)
             if (tile == 0)
@@ -736,13 +730,7 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
 
     for (int tile = 0; tile < kt.tiles; ++tile) {
         const int stage = tile & 1;
-        if (tile + 1 < kt.tiles) {
-            load_key_tile(tile + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(tile + 1 < kt.tiles, [&] { load_key_tile(tile + 1, stage ^ 1); });
         __syncthreads();
         const bf16* tile_k = s_k + stage * Bc * D;
         const bf16* tile_v = s_v + stage * Bc * D;
@@ -897,13 +885,7 @@ __global__ void __launch_bounds__(FlashTraits<D>::kThreads)
     float dk_acc[kM][D / 8][4] = {}, dv_acc[kM][D / 8][4] = {};
     for (int qt = 0; qt < q_tiles; ++qt) {
         const int stage = qt & 1;
-        if (qt + 1 < q_tiles) {
-            load_query_tile(qt + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(qt + 1 < q_tiles, [&] { load_query_tile(qt + 1, stage ^ 1); });
         __syncthreads();
         const bf16* tile_q = s_q + stage * Br * D;
         const bf16* tile_do = s_do + stage * Br * D;
