@@ -7,12 +7,14 @@
 // o_i = Σ w_ij v_j / R_i with R_i = Σ w_ij (o_i = 0, no gradient, where R_i ≤ 1e-30).
 //
 // Per (b, h) the keys are cut into chunks of kChunk = 64 positions (the CPU's kPerformerChunk).
-// Every step below is a small batched fp32 GEMM (block_gemm of tf32_block_gemm.cuh: 64×64 output
+// The products with Ω (the logits x̃·Ωᵀ and the feature-map gradient da·Ω) are two fp32 cuBLAS
+// GEMMs over every row of q and k (no TF32), with augmented operands carrying −‖x̃‖²/2 and Σ_f da.
+// Every other step is a small batched fp32 GEMM (block_gemm of tf32_block_gemm.cuh: 64×64 output
 // tile per 256-thread block on the tensor cores, operands read through loaders that compute
-// features on the fly). 3xTF32 (fp32 accuracy) for the logits, the feature-map gradient and
-// everything in the fp32 path; in the bf16 path one TF32 product for the other products, two for
-// the cancelling scores M (Tf32::SplitA). All sums run in a fixed order, no atomics: forward and
-// backward are bitwise deterministic.
+// features on the fly): 3xTF32 (fp32 accuracy) in the fp32 path; in the bf16 path one TF32
+// product, two for the cancelling scores M (Tf32::SplitA). All sums run in a fixed order, no
+// atomics (cuBLAS is reproducible run to run on one GPU): forward and backward are bitwise
+// deterministic.
 //   forward   1. logits a = x̃·Ωᵀ − ‖x̃‖²/2 of q and k            -> workspace (B,H,T,m)
 //                and their maxima over each 64-feature tile      -> workspace (B,H,T,m/64)
 //             2. cq (row max), ck (running max: a block scan)     -> saved
@@ -31,13 +33,16 @@
 // All exponents are ≤ 0: nothing overflows, whatever the input magnitude.
 // Stabilisers from per-tile logit maxima (a block scan instead of one warp loop over every logit
 // row per head), chunk scans with batched loads and single-TF32 products in the bf16 path took
-// forward+backward from 58.9 to 49.1 ms (H100, bf16, B=2 H=12 T=32768 d=64, m=256).
+// forward+backward from 58.9 to 49.1 ms (H100, bf16, B=2 H=12 T=32768 d=64, m=256). The Ω
+// products as cuBLAS SGEMMs instead of 3xTF32 block_gemm tiles: (not yet measured; branch
+// next-performer-cublas).
 //
 // saved (fp32): R, cq, ck — three (B,H,T) arrays, as the CPU.
 // workspace (fp32), linear in T: logits of q and k and their gradients 4·(B·H·T·m), the chunk
 // states S and G 2·(B·H·nc·m·(d+1)), the chunk scores W and M 2·(B·H·nc·64·64), one (B,H,T,d+1)
-// row buffer; nc = ceil(T/64). About B·H·T·(4m + 2m(d+1)/64 + 128 + d + 1 + 2m/64) floats: 6.9 KB per
-// (b, h, t) at m = 256, d = 64 (670 MB at B·H = 96, T = 1024).
+// row buffer, the augmented rows of the Ω GEMMs 4·(B·H·T·xld) (xld = d + 1 rounded up to 4);
+// nc = ceil(T/64). About B·H·T·(4m + 2m(d+1)/64 + 128 + d + 1 + 2m/64 + 4·xld) floats: 7.9 KB
+// per (b, h, t) at m = 256, d = 64 (790 MB at B·H = 96, T = 1024).
 // Any head dim d ≥ 1 and feature count m ≥ 1; inputs bf16 or fp32 (all tensors one dtype),
 // strided HeadTensors; outputs in the input dtype; all accumulation in fp32.
 #include <cuda_bf16.h>
@@ -84,11 +89,17 @@ struct Work {
     float* rows;     // (B,H,T,d+1) forward: unnormalised out; backward: g
     float* qmax;     // (B,H,T,ceil(m/64)) max of aq over each 64-feature tile
     float* kmax;     // (B,H,T,ceil(m/64)) max of ak over each 64-feature tile
+    float* xaug;     // (2·B·H·T, xld) rows [x̃ | −‖x̃‖²/2 | 0..] of q, then of k: the logits GEMM's A
+    float* gaug;     // (2·B·H·T, xld) backward: [Ωᵀ·da | Σ_f da | 0..] of q, then of k
 };
 
+// Row stride of the augmented rows (xaug, gaug) and of Ω1 = [Ω | 1 | 0..]: d + 1 rounded up to 4
+// floats (16-byte rows for cuBLAS).
+inline int aug_ld(int d) { return (d + 1 + 3) / 4 * 4; }
+
 struct WorkLayout {
-    size_t logits, states, scores, rows, tile_max;
-    size_t total() const { return 4 * logits + 2 * states + 2 * scores + rows + 2 * tile_max; }
+    size_t logits, states, scores, rows, tile_max, aug;
+    size_t total() const { return 4 * logits + 2 * states + 2 * scores + rows + 2 * tile_max + 2 * aug; }
     Work carve(float* base) const {
         Work w;
         w.aq = base;
@@ -102,13 +113,15 @@ struct WorkLayout {
         w.rows = w.score_m + scores;
         w.qmax = w.rows + rows;
         w.kmax = w.qmax + tile_max;
+        w.xaug = w.kmax + tile_max;
+        w.gaug = w.xaug + aug;
         return w;
     }
 };
 WorkLayout work_layout(const AttnShape& s, int m) {
     const size_t bh = (size_t)s.B * s.H, nc = (size_t)ceil_div(s.T, kChunk);
     return WorkLayout{bh * s.T * m, bh * nc * m * (s.d + 1), bh * nc * kChunk * kChunk,
-                      bh * s.T * (s.d + 1), bh * s.T * ceil_div(m, kTile)};
+                      bh * s.T * (s.d + 1), bh * s.T * ceil_div(m, kTile), 2 * bh * s.T * aug_ld(s.d)};
 }
 
 
@@ -123,68 +136,49 @@ __device__ __forceinline__ float feature(float logit, float stab, const Dims& D)
 }
 
 // ================================================================ forward (and shared) kernels
-// 1. Logits of q and k: a[t][f] = Σ_i Ω[f][i]·x̃[t][i] − ‖x̃_t‖²/2, x̃ = d^(-1/4)·x, and the
-// maximum of each row over this block's 64 features: tile_max[t][blockIdx.x] (for the stabilisers).
-// Grid (ceil(m/64), nc, B·H); block: 64 positions × 64 features of both q and k.
+// 1. Logits of q and k: a[t][f] = Σ_i Ω[f][i]·x̃[t][i] − ‖x̃_t‖²/2, x̃ = d^(-1/4)·x, as one fp32
+// cuBLAS GEMM over every row of q and k (host side, logits()): A = xaug rows [x̃ | −‖x̃‖²/2 | 0..],
+// B = Ω1ᵀ with Ω1 = [Ω | 1 | 0..], so the subtraction rides in the product; then the maximum of
+// each row over each 64-feature tile (for the stabilisers). Replaced a 3xTF32 block_gemm kernel
+// (64 × 64 tiles, K = d) that did both: see the top of the file.
+
+// xaug (2·rows, xld): row n < rows is q's row n (in (B,H,T) order), row rows + n is k's. One warp per row.
 template <typename Tin>
 __global__ void __launch_bounds__(kThreads)
-    logits_kernel(Dims D, Strided Q, Strided K, const float* __restrict__ omega, float* aq, float* ak,
-                  float* qmax, float* kmax) {
-    __shared__ GemmSmem sm;
-    __shared__ float half_norm2[kChunk];
-    __shared__ float half_max[kChunk][2];  // [row][column half of the tile]
-    const int f0 = blockIdx.x * kTile, c = blockIdx.y, bh = blockIdx.z;
-    const int b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int f_tiles = gridDim.x;
-    for (int which = 0; which < 2; which++) {
-        const Strided X = which == 0 ? Q : K;
-        const Tin* x = head_slice<const Tin>(X, b, h);
-        float* out = (which == 0 ? aq : ak) + (size_t)bh * D.T * D.m;
-        for (int i = warp; i < kChunk; i += kThreads / 32) {
-            const int t = t0 + i;
-            float sum = 0.f;
-            if (t < D.T)
-                for (int col = lane; col < D.d; col += 32) {
-                    const float xt = D.in_scale * to_f32(x[(int64_t)t * X.st + col]);
-                    sum += xt * xt;
-                }
-            sum = warp_sum(sum);
-            if (lane == 0) half_norm2[i] = 0.5f * sum;
-        }
-        __syncthreads();
-        TcAcc acc;
-        zero(acc);
-        block_gemm<Tf32::Split, true, true>(
-            acc, sm, 0, D.d,
-            [&](int i, int k) {
-                const int t = t0 + i;
-                return t < D.T ? D.in_scale * to_f32(x[(int64_t)t * X.st + k]) : 0.f;
-            },
-            [&](int k, int j) { return f0 + j < D.m ? omega[(size_t)(f0 + j) * D.d + k] : 0.f; });
-        // This thread holds rows r and r + 8 (r = 16·(warp%4) + lane/4) at 8 columns of the tile's
-        // half warp/4; the 4 lanes of a row cover the half's 32 columns.
-        float row_max[2] = {-INFINITY, -INFINITY};
-        for_tile(acc, [&](int i, int j, float v) {
-            const int t = t0 + i, f = f0 + j;
-            if (t < D.T && f < D.m) {
-                const float a = v - half_norm2[i];
-                out[(size_t)t * D.m + f] = a;
-                row_max[(i / 8) % 2] = fmaxf(row_max[(i / 8) % 2], a);
-            }
-        });
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(kFullMask, row_max[r], 1));
-            row_max[r] = fmaxf(row_max[r], __shfl_xor_sync(kFullMask, row_max[r], 2));
-            if (lane % 4 == 0) half_max[16 * (warp % 4) + lane / 4 + 8 * r][warp / 4] = row_max[r];
-        }
-        __syncthreads();
-        float* tile_max = which == 0 ? qmax : kmax;
-        for (int i = threadIdx.x; i < kChunk; i += kThreads)
-            if (t0 + i < D.T)
-                tile_max[((size_t)bh * D.T + t0 + i) * f_tiles + blockIdx.x] = fmaxf(half_max[i][0], half_max[i][1]);
-        __syncthreads();  // half_norm2 and half_max are rewritten for k
+    augment_rows_kernel(Dims D, Strided Q, Strided K, float* xaug, int xld) {
+    const size_t rows = (size_t)D.B * D.H * D.T;
+    const size_t n = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+    if (n >= 2 * rows) return;
+    const int lane = threadIdx.x % 32;
+    const bool is_k = n >= rows;
+    const size_t r = is_k ? n - rows : n;
+    const int t = (int)(r % D.T), bh = (int)(r / D.T), b = bh / D.H, h = bh % D.H;
+    const Strided X = is_k ? K : Q;
+    const Tin* x = head_slice<const Tin>(X, b, h) + (int64_t)t * X.st;
+    float* out = xaug + n * xld;
+    float sum = 0.f;
+    for (int col = lane; col < D.d; col += 32) {
+        const float xt = D.in_scale * to_f32(x[col]);
+        out[col] = xt;
+        sum += xt * xt;
+    }
+    sum = warp_sum(sum);
+    for (int col = D.d + lane; col < xld; col += 32) out[col] = col == D.d ? -0.5f * sum : 0.f;
+}
+
+// tile_max[n][ft] = max over the features of tile ft of the logits row n (aq then ak: 2·rows rows;
+// qmax then kmax are contiguous). One warp per row.
+__global__ void __launch_bounds__(kThreads) tile_max_kernel(Dims D, const float* __restrict__ logits, float* tile_max) {
+    const size_t rows2 = 2 * (size_t)D.B * D.H * D.T;
+    const size_t n = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+    if (n >= rows2) return;
+    const int lane = threadIdx.x % 32, f_tiles = (D.m + kTile - 1) / kTile;
+    const float* a = logits + n * D.m;
+    for (int ft = 0; ft < f_tiles; ft++) {
+        float mx = -INFINITY;
+        for (int f = ft * kTile + lane; f < min(D.m, (ft + 1) * kTile); f += 32) mx = fmaxf(mx, a[f]);
+        mx = warp_max(mx);
+        if (lane == 0) tile_max[n * f_tiles + ft] = mx;
     }
 }
 
@@ -607,51 +601,51 @@ __global__ void __launch_bounds__(kThreads, 2)
     });
 }
 
-// Through the feature map, for q and k: dx_i = d^(-1/4)·(Σ_f da_i,f·Ω[f] − x̃_i·Σ_f da_i,f).
-// Grid (ceil(d/64), nc, B·H).
+// Through the feature map, for q and k: dx_i = d^(-1/4)·(Σ_f da_i,f·Ω[f] − x̃_i·Σ_f da_i,f), from
+// gaug = [Ωᵀ·da | Σ_f da] (one fp32 cuBLAS GEMM over every row of q and k: da · Ω1, host side) and
+// x̃ in xaug. One thread per element of dq and dk. Replaced a 3xTF32 block_gemm kernel (K = m).
 template <typename Tin>
-__global__ void __launch_bounds__(kThreads, 2)
-    feature_grad_kernel(Dims D, const float* __restrict__ omega, const float* __restrict__ daq,
-                        const float* __restrict__ dak, Strided Q, Strided K, Strided dQ, Strided dK) {
-    __shared__ GemmSmem sm;
-    __shared__ float sum_da[kChunk];
-    const int col0 = blockIdx.x * kTile, c = blockIdx.y, bh = blockIdx.z;
-    const int b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t row0 = (size_t)bh * D.T;
-    for (int which = 0; which < 2; which++) {
-        const float* da = (which == 0 ? daq : dak) + row0 * D.m;
-        const Strided X = which == 0 ? Q : K, dX = which == 0 ? dQ : dK;
-        for (int i = warp; i < kChunk; i += kThreads / 32) {
-            float sum = 0.f;
-            if (t0 + i < D.T)
-                for (int f = lane; f < D.m; f += 32) sum += da[(size_t)(t0 + i) * D.m + f];
-            sum = warp_sum(sum);
-            if (lane == 0) sum_da[i] = sum;
-        }
-        __syncthreads();
-        TcAcc acc;
-        zero(acc);
-        block_gemm<Tf32::Split, true, false>(
-            acc, sm, 0, D.m,
-            [&](int i, int k) { return t0 + i < D.T ? da[(size_t)(t0 + i) * D.m + k] : 0.f; },
-            [&](int k, int j) { return col0 + j < D.d ? omega[(size_t)k * D.d + col0 + j] : 0.f; });
-        const Tin* x = head_slice<const Tin>(X, b, h);
-        Tin* dx = head_slice<Tin>(dX, b, h);
-        for_tile(acc, [&](int i, int j, float val) {
-            const int t = t0 + i, col = col0 + j;
-            if (t < D.T && col < D.d) {
-                const float xt = D.in_scale * to_f32(x[(int64_t)t * X.st + col]);
-                dx[(int64_t)t * dX.st + col] = from_f32<Tin>(D.in_scale * (val - xt * sum_da[i]));
-            }
-        });
-        __syncthreads();  // sum_da is rewritten for k
-    }
+__global__ void __launch_bounds__(kThreads)
+    feature_grad_kernel(Dims D, const float* __restrict__ gaug, const float* __restrict__ xaug, int xld, Strided dQ,
+                        Strided dK) {
+    const size_t rows = (size_t)D.B * D.H * D.T;
+    const size_t idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
+    if (idx >= 2 * rows * D.d) return;
+    const size_t n = idx / D.d;
+    const int col = (int)(idx % D.d);
+    const bool is_k = n >= rows;
+    const size_t r = is_k ? n - rows : n;
+    const int t = (int)(r % D.T), bh = (int)(r / D.T), b = bh / D.H, h = bh % D.H;
+    const Strided dX = is_k ? dK : dQ;
+    const float* g = gaug + n * xld;
+    const float xt = xaug[n * xld + col];
+    head_slice<Tin>(dX, b, h)[(int64_t)t * dX.st + col] = from_f32<Tin>(D.in_scale * (g[col] - xt * g[D.d]));
 }
 
 // ================================================================ launchers
+// Row-major C (M × N) = A (M × K) · op(B), fp32 (cuBLAS SGEMM, pedantic math: no TF32); B is
+// (N × K) when trans_b, else (K × N).
+void sgemm_rm(cublasHandle_t blas, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B,
+              int ldb, float* C, int ldc) {
+    const float one = 1.f, zero = 0.f;
+    CUBLAS_CHECK(cublasSgemm(blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, B, ldb, A, lda,
+                             &zero, C, ldc));
+}
+
+// 1. the logits of q and k (aq, ak) and their per-tile maxima (qmax, kmax), see above
 template <typename Tin>
-void launch_forward(const Dims& D, const Work& w, const float* omega, Strided o, Strided q,
+void logits(cublasHandle_t blas, const Dims& D, const Work& w, const float* omega1, Strided q, Strided k) {
+    const size_t rows2 = 2 * (size_t)D.B * D.H * D.T;
+    const int xld = aug_ld(D.d);
+    augment_rows_kernel<Tin><<<ceil_div(rows2, kThreads / 32), kThreads>>>(D, q, k, w.xaug, xld);
+    CUDA_LAUNCH_CHECK();
+    sgemm_rm(blas, true, (int)rows2, D.m, xld, w.xaug, xld, omega1, xld, w.aq, D.m);  // [aq; ak] = xaug · Ω1ᵀ
+    tile_max_kernel<<<ceil_div(rows2, kThreads / 32), kThreads>>>(D, w.aq, w.qmax);
+    CUDA_LAUNCH_CHECK();
+}
+
+template <typename Tin>
+void launch_forward(cublasHandle_t blas, const Dims& D, const Work& w, const float* omega1, Strided o, Strided q,
                     Strided k, Strided v, float* saved) {
     const int bh = D.B * D.H;
     const size_t rows = (size_t)bh * D.T;
@@ -659,8 +653,7 @@ void launch_forward(const Dims& D, const Work& w, const float* omega, Strided o,
     float* cq = saved + rows;
     float* ck = saved + 2 * rows;
     const int f_tiles = ceil_div(D.m, kTile), c_tiles = ceil_div(D.d + 1, kTile);
-    logits_kernel<Tin><<<dim3(f_tiles, D.nc, bh), kThreads>>>(D, q, k, omega, w.aq, w.ak, w.qmax, w.kmax);
-    CUDA_LAUNCH_CHECK();
+    logits<Tin>(blas, D, w, omega1, q, k);
     stabiliser_kernel<<<bh, 1024>>>(D, f_tiles, w.qmax, w.kmax, cq, ck);
     CUDA_LAUNCH_CHECK();
     chunk_state_kernel<Tin, false><<<dim3(f_tiles * c_tiles, D.nc, bh), kThreads>>>(
@@ -677,7 +670,7 @@ void launch_forward(const Dims& D, const Work& w, const float* omega, Strided o,
 }
 
 template <typename Tin>
-void launch_backward(const Dims& D, const Work& w, const float* omega, Strided dq, Strided dk,
+void launch_backward(cublasHandle_t blas, const Dims& D, const Work& w, const float* omega1, Strided dq, Strided dk,
                      Strided dv, Strided dout, Strided q, Strided k, Strided v, Strided o,
                      const float* saved) {
     const int bh = D.B * D.H;
@@ -688,8 +681,7 @@ void launch_backward(const Dims& D, const Work& w, const float* omega, Strided d
     const int f_tiles = ceil_div(D.m, kTile), c_tiles = ceil_div(D.d + 1, kTile);
     const int d_tiles = ceil_div(D.d, kTile);
     const dim3 scan_grid(ceil_div((size_t)D.m * (D.d + 1), kThreads), bh);
-    logits_kernel<Tin><<<dim3(f_tiles, D.nc, bh), kThreads>>>(D, q, k, omega, w.aq, w.ak, w.qmax, w.kmax);
-    CUDA_LAUNCH_CHECK();
+    logits<Tin>(blas, D, w, omega1, q, k);
     grad_rows_kernel<Tin><<<ceil_div(rows, kThreads / 32), kThreads>>>(D, dout, o, saved_r, w.rows);
     CUDA_LAUNCH_CHECK();
     // prefix states S_c, as in the forward
@@ -711,7 +703,11 @@ void launch_backward(const Dims& D, const Work& w, const float* omega, Strided d
     CUDA_LAUNCH_CHECK();
     dv_kernel<Tin><<<dim3(d_tiles, D.nc, bh), kThreads>>>(D, w.ak, ck, w.rows, w.state_g, w.score_w, dv);
     CUDA_LAUNCH_CHECK();
-    feature_grad_kernel<Tin><<<dim3(d_tiles, D.nc, bh), kThreads>>>(D, omega, w.daq, w.dak, q, k, dq, dk);
+    // [Ωᵀ·da | Σ_f da] of q and k in one GEMM (daq, dak contiguous), then dx
+    const size_t rows2 = 2 * rows;
+    const int xld = aug_ld(D.d);
+    sgemm_rm(blas, false, (int)rows2, xld, D.m, w.daq, D.m, omega1, xld, w.gaug, xld);
+    feature_grad_kernel<Tin><<<ceil_div(rows2 * D.d, kThreads), kThreads>>>(D, w.gaug, w.xaug, xld, dq, dk);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -724,7 +720,8 @@ public:
     }
     ~CudaPerformerAttention() override {
         for (auto& [layer, c] : cache_)
-            if (c.omega) cudaFree(c.omega);  // no throwing from a destructor
+            if (c.omega1) cudaFree(c.omega1);  // no throwing from a destructor
+        if (blas_) cublasDestroy(blas_);
     }
     CudaPerformerAttention(const CudaPerformerAttention&) = delete;
     CudaPerformerAttention& operator=(const CudaPerformerAttention&) = delete;
@@ -743,11 +740,11 @@ public:
               saved_size(s), workspace_bytes(s));
         const Dims D = dims(s);
         const Work w = work_layout(s, cfg_.features).carve(static_cast<float*>(workspace));
-        const float* omega = features(ctx, s.d);
+        const float* omega1 = features(ctx, s.d);
         if (dt == DType::BF16)
-            launch_forward<bf16>(D, w, omega, strided(o), strided(q), strided(k), strided(v), saved);
+            launch_forward<bf16>(blas(), D, w, omega1, strided(o), strided(q), strided(k), strided(v), saved);
         else
-            launch_forward<float>(D, w, omega, strided(o), strided(q), strided(k), strided(v), saved);
+            launch_forward<float>(blas(), D, w, omega1, strided(o), strided(q), strided(k), strided(v), saved);
     }
 
     void backward(const AttnShape& s, const AttnContext& ctx, HeadTensor dq, HeadTensor dk,
@@ -761,12 +758,12 @@ public:
               workspace_bytes(s));
         const Dims D = dims(s);
         const Work w = work_layout(s, cfg_.features).carve(static_cast<float*>(workspace));
-        const float* omega = features(ctx, s.d);
+        const float* omega1 = features(ctx, s.d);
         if (dt == DType::BF16)
-            launch_backward<bf16>(D, w, omega, strided(dq), strided(dk), strided(dv), strided(dout),
+            launch_backward<bf16>(blas(), D, w, omega1, strided(dq), strided(dk), strided(dv), strided(dout),
                                   strided(q), strided(k), strided(v), strided(o), saved);
         else
-            launch_backward<float>(D, w, omega, strided(dq), strided(dk), strided(dv), strided(dout),
+            launch_backward<float>(blas(), D, w, omega1, strided(dq), strided(dk), strided(dv), strided(dout),
                                    strided(q), strided(k), strided(v), strided(o), saved);
     }
 
@@ -781,24 +778,40 @@ private:
         return D;
     }
 
-    // Ω (m × d, fp32) of this layer for ctx.step on the device: drawn on the host by the CPU's
-    // function and uploaded only when the draw index (or d) changes.
+    // Ω1 = [Ω | 1 | 0..] (m × aug_ld(d), fp32) of this layer for ctx.step on the device: Ω drawn on
+    // the host by the CPU's function, uploaded only when the draw index (or d) changes.
     const float* features(const AttnContext& ctx, int d) {
         const int64_t draw = cfg_.redraw > 0 ? ctx.step / cfg_.redraw : 0;
         Cached& c = cache_[ctx.layer];
-        if (c.omega == nullptr || c.draw != draw || c.d != d) {
-            const std::vector<float> host = performer_features(cfg_, ctx.layer, ctx.step, d);
-            if (c.omega != nullptr && c.d != d) {
-                CUDA_CHECK(cudaFree(c.omega));
-                c.omega = nullptr;
+        if (c.omega1 == nullptr || c.draw != draw || c.d != d) {
+            const std::vector<float> omega = performer_features(cfg_, ctx.layer, ctx.step, d);
+            const int m = cfg_.features, xld = aug_ld(d);
+            std::vector<float> host((size_t)m * xld, 0.f);
+            for (int f = 0; f < m; f++) {
+                for (int i = 0; i < d; i++) host[(size_t)f * xld + i] = omega[(size_t)f * d + i];
+                host[(size_t)f * xld + d] = 1.f;
             }
-            if (c.omega == nullptr) CUDA_CHECK(cudaMalloc(&c.omega, host.size() * sizeof(float)));
+            if (c.omega1 != nullptr && c.d != d) {
+                CUDA_CHECK(cudaFree(c.omega1));
+                c.omega1 = nullptr;
+            }
+            if (c.omega1 == nullptr) CUDA_CHECK(cudaMalloc(&c.omega1, host.size() * sizeof(float)));
             // synchronous: kernels of earlier calls that read the old Ω (same stream) finish first
-            CUDA_CHECK(cudaMemcpy(c.omega, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+            CUDA_CHECK(cudaMemcpy(c.omega1, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
             c.draw = draw;
             c.d = d;
         }
-        return c.omega;
+        return c.omega1;
+    }
+    // The handle of the Ω GEMMs, on the default stream as every launch here, fp32 without TF32
+    // (pedantic math); created on first use.
+    cublasHandle_t blas() {
+        if (!blas_) {
+            CUBLAS_CHECK(cublasCreate(&blas_));
+            CUBLAS_CHECK(cublasSetStream(blas_, 0));
+            CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH));
+        }
+        return blas_;
     }
 
     DType check_tensors(const AttnShape& s,
@@ -815,10 +828,11 @@ private:
     struct Cached {
         int64_t draw = -1;
         int d = 0;
-        float* omega = nullptr;  // device (m, d)
+        float* omega1 = nullptr;  // device (m, aug_ld(d)): [Ω | 1 | 0..]
     };
     AttnConfig cfg_;
-    std::map<int, Cached> cache_;  // layer -> its current Ω on the device
+    std::map<int, Cached> cache_;  // layer -> its current Ω1 on the device
+    cublasHandle_t blas_ = nullptr;
 };
 
 }  // namespace
