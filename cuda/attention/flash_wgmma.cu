@@ -359,13 +359,7 @@ __global__ void __launch_bounds__(kThreads)
 
     for (int qt = qt_first; qt <= qt_last; ++qt) {
         const int stage = (qt - qt_first) & 1;
-        if (qt < qt_last) {
-            load_query_tile(qt + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_next_stage(qt < qt_last, [&] { load_query_tile(qt + 1, stage ^ 1); });
         wgmma::fence_proxy_async();
         __syncthreads();
         const uint32_t q_addr = smem_addr(s_q + stage * kStage), do_addr = smem_addr(s_do + stage * kStage);
