@@ -595,16 +595,19 @@ void launch_backward(const FlashArgs& a, DType dt, Strided dq, Strided dk, Strid
         using Tr = FlashTraits<D>;
         flash_backward_delta<bf16><<<delta_blocks, 32 * kRowsPerBlock>>>(delta, d_o, o, H, T, D, rows);
         CUDA_LAUNCH_CHECK();
+        if (use_wgmma()) {
+            const bool windowed = kMask == Mask::Window;
+            flash_backward_dkdv_wgmma(D, windowed, dk, dv, q, k, v, d_o, lse, delta, a.s.B, H, T, a.window,
+                                      a.scale_log2, a.scale);
+            flash_backward_dq_wgmma(D, windowed, dq, q, k, v, d_o, lse, delta, a.s.B, H, T, a.window, a.scale_log2,
+                                    a.scale);
+            return;
+        }
         auto dkdv = flash_backward_dkdv_bf16<D, kMask>;
         set_smem(dkdv, Tr::kDkvSmem);
         dkdv<<<dim3(ceil_div(T, Tr::kBcKV), H, a.s.B), Tr::kThreads, Tr::kDkvSmem>>>(
             dk, dv, q, k, v, d_o, lse, delta, H, T, a.window, a.scale_log2, a.scale);
         CUDA_LAUNCH_CHECK();
-        if (use_wgmma()) {
-            flash_backward_dq_wgmma(D, kMask == Mask::Window, dq, q, k, v, d_o, lse, delta, a.s.B, H, T, a.window,
-                                    a.scale_log2, a.scale);
-            return;
-        }
         auto dq_kernel = flash_backward_dq_bf16<D, kMask>;
         set_smem(dq_kernel, Tr::kDqSmem);
         dq_kernel<<<dim3(ceil_div(T, Tr::kBrQ), H, a.s.B), Tr::kThreads, Tr::kDqSmem>>>(

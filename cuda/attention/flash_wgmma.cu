@@ -285,6 +285,147 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// ============================================================================ dK, dV
+// dv (B,H,T,d) = Σ_i P_ij·dO_i, dk = scale·Σ_i dS_ij·Q_i: the mma.sync flash_backward_dkdv_bf16 of
+// flash.cu on wgmma. One block of two warpgroups per key tile of 128 keys (warpgroup g owns keys
+// 64g..64g+63; the lowest key tiles, which see the most queries, first); K and V loaded once, the
+// query tiles of 64 rows of the band (Q, dO, their LSE and Δ) double-buffered. Per query tile:
+// Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (SS, K-major), Pᵀ and dSᵀ in registers (masked entries 0), then
+// dV += Pᵀ·dO and dK += dSᵀ·Q (RS, dO and Q as the MN-major operands of their row-major tiles).
+constexpr int kBcKv = 128;  // keys per block
+constexpr int kBrKv = 64;   // queries per inner tile
+template <int D>
+struct WgmmaDkv {
+    using KTile = wgmma::SwizzledTile<kBcKv, D>;
+    using QTile = wgmma::SwizzledTile<kBrKv, D>;
+    // K, V; 2 stages of Q and of dO; then 2 stages of the LSE (log2) and Δ of the query tile
+    static constexpr int kTiles = 2 * KTile::kBytes + 4 * QTile::kBytes;
+    static constexpr int kSmem = kTiles + 2 * 2 * kBrKv * (int)sizeof(float);
+};
+
+template <int D, bool kWindow>
+__global__ void __launch_bounds__(kThreads)
+    flash_backward_dkdv_wgmma_kernel(Strided dK, Strided dV, Strided Q, Strided K, Strided V, Strided dO,
+                                     const float* lse, const float* delta, int H, int T, int window, float scale_log2,
+                                     float scale) {
+    using Cfg = WgmmaDkv<D>;
+    using KTile = typename Cfg::KTile;
+    using QTile = typename Cfg::QTile;
+    constexpr int Br = kBrKv;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    bf16* s_k = reinterpret_cast<bf16*>(smem);
+    bf16* s_v = reinterpret_cast<bf16*>(smem + KTile::kBytes);
+    bf16* s_q = reinterpret_cast<bf16*>(smem + 2 * KTile::kBytes);                      // 2 stages
+    bf16* s_do = reinterpret_cast<bf16*>(smem + 2 * KTile::kBytes + 2 * QTile::kBytes);  // 2 stages
+    float* s_lse = reinterpret_cast<float*>(smem + Cfg::kTiles);  // 2 stages of (Br), log2 units
+    float* s_delta = s_lse + 2 * Br;                              // 2 stages of (Br)
+    constexpr int kStage = QTile::kBytes / 2;
+
+    const int k_tile = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+    const int g = lane / 4, c = lane % 4;
+    const int k0 = k_tile * kBcKv, k_end = k0 + kBcKv - 1;
+    const int qt_first = k0 / Br;
+    const int q_last = kWindow ? min(T - 1, min(k_end, T - 1) + window - 1) : T - 1;
+    const int qt_last = q_last / Br;
+
+    const int64_t bh = (int64_t)b * H + h;
+    const bf16* q_base = head_slice<const bf16>(Q, b, h);
+    const bf16* do_base = head_slice<const bf16>(dO, b, h);
+    auto load_query_tile = [&](int qt, int stage) {
+        const int q0 = qt * Br;
+        wgmma::load_tile_async<QTile, kThreads>(s_q + stage * kStage, q_base + (int64_t)q0 * Q.st, Q.st, T - q0, tid);
+        wgmma::load_tile_async<QTile, kThreads>(s_do + stage * kStage, do_base + (int64_t)q0 * dO.st, dO.st, T - q0,
+                                                tid);
+        for (int i = tid; i < Br; i += kThreads) {
+            const int t = q0 + i;
+            s_lse[stage * Br + i] = lse_log2_or_inf(lse + bh * T, t, T);
+            s_delta[stage * Br + i] = t < T ? delta[bh * T + t] : 0.f;
+        }
+    };
+    wgmma::load_tile_async<KTile, kThreads>(s_k, head_slice<const bf16>(K, b, h) + (int64_t)k0 * K.st, K.st, T - k0,
+                                            tid);
+    wgmma::load_tile_async<KTile, kThreads>(s_v, head_slice<const bf16>(V, b, h) + (int64_t)k0 * V.st, V.st, T - k0,
+                                            tid);
+    load_query_tile(qt_first, 0);
+    cp_async_commit();
+
+    // this warpgroup's keys wg_k0 .. wg_k0 + 63; this thread's keys kr_lo and kr_lo + 8
+    const int wg_k0 = k0 + 64 * wg, wg_k_end = wg_k0 + 63;
+    const int kr_lo = wg_k0 + 16 * warp + g;
+    float dk[D / 2] = {}, dv[D / 2] = {};
+    const uint64_t desc_k = wgmma::desc_k_major(smem_addr(s_k), 64 * wg);
+    const uint64_t desc_v = wgmma::desc_k_major(smem_addr(s_v), 64 * wg);
+
+    for (int qt = qt_first; qt <= qt_last; ++qt) {
+        const int stage = (qt - qt_first) & 1;
+        cp_async_next_stage(qt < qt_last, [&] { load_query_tile(qt + 1, stage ^ 1); });
+        wgmma::fence_proxy_async();
+        __syncthreads();
+        const uint32_t q_addr = smem_addr(s_q + stage * kStage), do_addr = smem_addr(s_do + stage * kStage);
+        const float* tile_lse = s_lse + stage * Br;
+        const float* tile_delta = s_delta + stage * Br;
+        const int i0 = qt * Br, i_end = i0 + Br - 1;
+        // every warpgroup runs every tile (wgmma is warpgroup-wide); keys no query of it sees get P = 0
+        float st[Br / 2], dpt[Br / 2];  // Sᵀ then Pᵀ; dPᵀ then dSᵀ (64 keys x Br queries)
+#pragma unroll
+        for (int i = 0; i < Br / 2; ++i) st[i] = dpt[i] = 0.f;
+        wgmma::fence_operand(st);
+        wgmma::fence_operand(dpt);
+        wgmma::warpgroup_fence();
+        issue_abt<Br, D, KTile, QTile>(st, desc_k, wgmma::desc_k_major(q_addr));    // Sᵀ = K·Qᵀ
+        issue_abt<Br, D, KTile, QTile>(dpt, desc_v, wgmma::desc_k_major(do_addr));  // dPᵀ = V·dOᵀ
+        wgmma::commit_group();
+        wgmma::wait_group<0>();
+        wgmma::fence_operand(st);
+        wgmma::fence_operand(dpt);
+
+        const bool edge = wg_k_end > i0 || (kWindow && wg_k0 < i_end - window + 1);
+#pragma unroll
+        for (int j = 0; j < Br / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 4 * j + e, col = 8 * j + 2 * c + (e & 1);  // query within the tile
+                const float p = exp2f(fmaf(st[i], scale_log2, -tile_lse[col]));
+                st[i] = p;
+                dpt[i] = p * (dpt[i] - tile_delta[col]);
+                if (edge && masked<kWindow>(i0 + col, kr_lo + 8 * (e >> 1), window))
+                    st[i] = dpt[i] = 0.f;  // P = dS = 0 where masked (overwrites any inf/NaN there)
+            }
+        accumulate_pb<D, Br>(dv, st, wgmma::desc_mn_major<QTile>(do_addr));  // dV += Pᵀ·dO
+        accumulate_pb<D, Br>(dk, dpt, wgmma::desc_mn_major<QTile>(q_addr));  // dK += dSᵀ·Q
+        __syncthreads();  // the stage read here is overwritten by the next prefetch
+    }
+
+    bf16* dk_base = head_slice<bf16>(dK, b, h);
+    bf16* dv_base = head_slice<bf16>(dV, b, h);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int key = kr_lo + 8 * half;
+        if (key >= T) continue;
+        bf16* dk_row = dk_base + (int64_t)key * dK.st;
+        bf16* dv_row = dv_base + (int64_t)key * dV.st;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+            *reinterpret_cast<__nv_bfloat162*>(dk_row + dn * 8 + 2 * c) =
+                __floats2bfloat162_rn(dk[4 * dn + 2 * half] * scale, dk[4 * dn + 2 * half + 1] * scale);
+            *reinterpret_cast<__nv_bfloat162*>(dv_row + dn * 8 + 2 * c) =
+                __floats2bfloat162_rn(dv[4 * dn + 2 * half], dv[4 * dn + 2 * half + 1]);
+        }
+    }
+}
+
+template <int D, bool kWindow>
+void launch_dkdv(Strided dk, Strided dv, Strided q, Strided k, Strided v, Strided d_o, const float* lse,
+                 const float* delta, int B, int H, int T, int window, float scale_log2, float scale) {
+    constexpr int smem = WgmmaDkv<D>::kSmem;
+    auto kernel = flash_backward_dkdv_wgmma_kernel<D, kWindow>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const dim3 grid(ceil_div(T, kBcKv), H, B);
+    kernel<<<grid, kThreads, smem>>>(dk, dv, q, k, v, d_o, lse, delta, H, T, window, scale_log2, scale);
+    CUDA_LAUNCH_CHECK();
+}
+
 template <int D, bool kWindow>
 void launch_dq(Strided dq, Strided q, Strided k, Strided v, Strided d_o, const float* lse, const float* delta,
                int B, int H, int T, int window, float scale_log2, float scale) {
@@ -338,4 +479,16 @@ void flash_backward_dq_wgmma(int d, bool windowed, Strided dq, Strided q, Stride
     else
         windowed ? launch_dq<128, true>(dq, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale)
                  : launch_dq<128, false>(dq, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale);
+}
+
+void flash_backward_dkdv_wgmma(int d, bool windowed, Strided dk, Strided dv, Strided q, Strided k, Strided v,
+                               Strided d_o, const float* lse, const float* delta, int B, int H, int T, int window,
+                               float scale_log2, float scale) {
+    CHECK(d == 64 || d == 128, "flash attention (wgmma): head dim %d is not 64 or 128", d);
+    if (d == 64)
+        windowed ? launch_dkdv<64, true>(dk, dv, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale)
+                 : launch_dkdv<64, false>(dk, dv, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale);
+    else
+        windowed ? launch_dkdv<128, true>(dk, dv, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale)
+                 : launch_dkdv<128, false>(dk, dv, q, k, v, d_o, lse, delta, B, H, T, window, scale_log2, scale);
 }

@@ -20,3 +20,9 @@ void flash_forward_wgmma(int d, bool windowed, Strided o, Strided q, Strided k, 
 void flash_backward_dq_wgmma(int d, bool windowed, Strided dq, Strided q, Strided k, Strided v, Strided d_o,
                              const float* lse, const float* delta, int B, int H, int T, int window, float scale_log2,
                              float scale);
+
+// dk, dv (B,H,T,d) bf16 <- q, k, v, dO, lse, delta as above: flash.cu's flash_backward_dkdv_bf16 up
+// to summation order.
+void flash_backward_dkdv_wgmma(int d, bool windowed, Strided dk, Strided dv, Strided q, Strided k, Strided v,
+                               Strided d_o, const float* lse, const float* delta, int B, int H, int T, int window,
+                               float scale_log2, float scale);

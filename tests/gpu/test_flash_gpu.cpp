@@ -195,6 +195,7 @@ TEST_P(FlashForwardKernels, WgmmaEqualsMmaSync) {
     EXPECT_LE(rel_err(wg.saved, mma.saved), 1e-5) << "lse";
     EXPECT_LE(rel_err(wg.dv, mma.dv), 2e-2) << "dv";
     EXPECT_LE(gpu_test::rel_err_floor(wg.dq, mma.dq, 1e-2 * gpu_test::rms(mma.dv)), 2e-2) << "dq";
+    EXPECT_LE(gpu_test::rel_err_floor(wg.dk, mma.dk, 1e-2 * gpu_test::rms(mma.dv)), 2e-2) << "dk";
 }
 
 const FlashCase kKernelCases[] = {
