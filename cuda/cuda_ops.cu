@@ -222,6 +222,47 @@ public:
                                  dy, x, wt, dt, N, IC, OC, reduce_scratch_, stream_);
         });
     }
+    void residual_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a, Tensor b,
+                                    Tensor w, Tensor bias, int N, int C) override {
+        const size_t NC = (size_t)N * C;
+        with_type(out.dtype, [&](auto tag) {
+            using A = decltype(tag);
+            gpu::residual_layernorm_forward(data<A>(residual, NC, "residual_layernorm residual"),
+                                            data<A>(out, NC, "residual_layernorm out"),
+                                            f32(mean, N, "residual_layernorm mean"), f32(rstd, N, "residual_layernorm rstd"),
+                                            data<A>(a, NC, "residual_layernorm a"), data<A>(b, NC, "residual_layernorm b"),
+                                            data<A>(w, C, "residual_layernorm w"),
+                                            data<A>(bias, C, "residual_layernorm bias"), N, C, stream_);
+        });
+    }
+    void matmul_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor w, Tensor bias, int N, int IC,
+                             int OC) override {
+        const DType dt = act.dtype;
+        with_type(dt, [&](auto tag) {
+            using A = decltype(tag);
+            A* o = data<A>(act, (size_t)N * OC, "matmul_gelu act");
+            A* p = data<A>(pre, (size_t)N * OC, "matmul_gelu pre");
+            const A* x = data<A>(inp, (size_t)N * IC, "matmul_gelu inp");
+            const A* wt = data<A>(w, (size_t)OC * IC, "matmul_gelu w");
+            const A* b = bias.empty() ? nullptr : data<A>(bias, OC, "matmul_gelu bias");
+            gpu::matmul_forward(blas_, o, x, wt, b, dt, N, IC, OC, stream_, p);
+        });
+    }
+    void matmul_backward_gelu(Tensor dinp, Tensor dw, Tensor dbias, Tensor dout, Tensor inp, Tensor w, Tensor pre,
+                              int N, int IC, int OC) override {
+        const DType dt = dout.dtype;
+        with_type(dt, [&](auto tag) {
+            using A = decltype(tag);
+            A* di = data<A>(dinp, (size_t)N * IC, "matmul_gelu dinp");
+            const A* dy = data<A>(dout, (size_t)N * OC, "matmul_gelu dout");
+            const A* x = data<A>(inp, (size_t)N * IC, "matmul_gelu inp");
+            const A* wt = data<A>(w, (size_t)OC * IC, "matmul_gelu w");
+            const A* p = data<A>(pre, (size_t)N * IC, "matmul_gelu pre");
+            gpu::matmul_backward(blas_, di, f32(dw, (size_t)OC * IC, "matmul_gelu dw"),
+                                 f32_or_null(dbias, OC, "matmul_gelu dbias"), dy, x, wt, dt, N, IC, OC,
+                                 reduce_scratch_, stream_, p);
+        });
+    }
     void gelu_forward(Tensor out, Tensor inp) override {
         with_type(out.dtype, [&](auto tag) {
             using A = decltype(tag);

@@ -63,6 +63,11 @@ void encoder_backward(float* dwte, float* dwpe, const T* dout, const int* tokens
 template <typename T>
 void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b,
                        int N, int C, cudaStream_t stream);
+// residual (N,C) = a + b, then out, mean, rstd = LayerNorm of it: bitwise residual_forward then
+// layernorm_forward, in one pass
+template <typename T>
+void residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* a, const T* b, const T* w,
+                                const T* bias, int N, int C, cudaStream_t stream);
 // dinp (N,C) +=, dw (C) +=, db (C) += (deterministic, partials in scratch)
 template <typename T>
 void layernorm_backward(T* dinp, float* dw, float* db, const T* dout, const T* inp, const T* w,
@@ -81,14 +86,16 @@ struct Blas {
     Blas(const Blas&) = delete;
     Blas& operator=(const Blas&) = delete;
 };
-// out (N,OC) = inp (N,IC) @ w (OC,IC)ᵀ + bias (OC, may be null); out, inp, w, bias all `dtype`
+// out (N,OC) = inp (N,IC) @ w (OC,IC)ᵀ + bias (OC, may be null); out, inp, w, bias all `dtype`.
+// With gelu_pre: gelu_pre (N,OC) = that product, out = gelu(gelu_pre) (fused in bf16).
 void matmul_forward(Blas& blas, void* out, const void* inp, const void* w, const void* bias,
-                    DType dtype, int N, int IC, int OC, cudaStream_t stream);
+                    DType dtype, int N, int IC, int OC, cudaStream_t stream, void* gelu_pre = nullptr);
 // dinp (N,IC) = dout @ w; dw (OC,IC) fp32 += doutᵀ @ inp; dbias (OC) fp32 += colsum(dout)
-// (dbias may be null). dinp, dout, inp, w are `dtype`.
+// (dbias may be null). dinp, dout, inp, w are `dtype`. With gelu_pre (N,IC): dinp ∘= gelu′(gelu_pre)
+// (the gradient at the input of the GELU whose output is inp; fused in bf16).
 void matmul_backward(Blas& blas, void* dinp, float* dw, float* dbias, const void* dout,
                      const void* inp, const void* w, DType dtype, int N, int IC, int OC,
-                     DeviceScratch& scratch, cudaStream_t stream);
+                     DeviceScratch& scratch, cudaStream_t stream, const void* gelu_pre = nullptr);
 
 // ---------------------------------------------------------------- gelu.cu (tanh approximation)
 template <typename T>

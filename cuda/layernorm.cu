@@ -34,6 +34,38 @@ __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const
     }
 }
 
+// residual (N,C) = a + b (fp32 sum rounded to T, as residual_forward), then out = LayerNorm of it
+// exactly as layernorm_forward_kernel: the same rounded values summed in the same order, so the
+// outputs are bitwise those of the two kernels. Each lane rereads only the residual values it
+// wrote itself. Saves one pass over the residual stream per LayerNorm (and a launch).
+template <typename T>
+__global__ void residual_layernorm_forward_kernel(T* residual, T* out, float* mean, float* rstd, const T* a,
+                                                  const T* b, const T* w, const T* bias, int N, int C) {
+    const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;  // the whole warp leaves together
+    const size_t off = (size_t)row * C;
+    T* x = residual + off;
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        const T v = from_f32<T>(to_f32(a[off + c]) + to_f32(b[off + c]));
+        x[c] = v;
+        sum += to_f32(v);
+    }
+    const float m = warp_sum(sum) / C;
+    float var = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        const float d = to_f32(x[c]) - m;
+        var += d * d;
+    }
+    const float s = 1.0f / sqrtf(warp_sum(var) / C + kLayerNormEps);
+    T* o = out + off;
+    for (int c = lane; c < C; c += 32) o[c] = from_f32<T>((to_f32(x[c]) - m) * s * to_f32(w[c]) + to_f32(bias[c]));
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
 // dinp (N,C) += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = w * dout
 template <typename T>
 __global__ void layernorm_backward_dinp_kernel(T* dinp, const T* dout, const T* inp, const T* w,
@@ -102,6 +134,15 @@ void layernorm_forward(T* out, float* mean, float* rstd, const T* inp, const T* 
 }
 
 template <typename T>
+void residual_layernorm_forward(T* residual, T* out, float* mean, float* rstd, const T* a, const T* b, const T* w,
+                                const T* bias, int N, int C, cudaStream_t stream) {
+    if (N == 0) return;
+    residual_layernorm_forward_kernel<<<ceil_div(N, kRowsPerBlock), kRowsPerBlock * 32, 0, stream>>>(
+        residual, out, mean, rstd, a, b, w, bias, N, C);
+    CUDA_LAUNCH_CHECK();
+}
+
+template <typename T>
 void layernorm_backward(T* dinp, float* dw, float* db, const T* dout, const T* inp, const T* w,
                         const float* mean, const float* rstd, int N, int C,
                         DeviceScratch& scratch, cudaStream_t stream) {
@@ -122,6 +163,10 @@ void layernorm_backward(T* dinp, float* dw, float* db, const T* dout, const T* i
 
 template void layernorm_forward<float>(float*, float*, float*, const float*, const float*, const float*, int, int, cudaStream_t);
 template void layernorm_forward<bf16>(bf16*, float*, float*, const bf16*, const bf16*, const bf16*, int, int, cudaStream_t);
+template void residual_layernorm_forward<float>(float*, float*, float*, float*, const float*, const float*,
+                                                const float*, const float*, int, int, cudaStream_t);
+template void residual_layernorm_forward<bf16>(bf16*, bf16*, float*, float*, const bf16*, const bf16*, const bf16*,
+                                               const bf16*, int, int, cudaStream_t);
 template void layernorm_backward<float>(float*, float*, float*, const float*, const float*, const float*, const float*, const float*, int, int, DeviceScratch&, cudaStream_t);
 template void layernorm_backward<bf16>(bf16*, float*, float*, const bf16*, const bf16*, const bf16*, const float*, const float*, int, int, DeviceScratch&, cudaStream_t);
 

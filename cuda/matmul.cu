@@ -5,6 +5,10 @@
 //   backward  dinpᵀ (IC,N) = w (IC,OC) · doutᵀ (OC,N)             (act dtype, overwritten)
 //             dwᵀ (IC,OC) += inpᵀ (IC,N) · dout (N,OC)            (fp32 C/D with bf16 A/B, beta=1)
 //   dbias (OC) += column sums of dout by our own deterministic two-pass kernel (norm.cu).
+// GELU fusions (bf16, the MLP's fc / fcproj pair): the forward may apply GELU in the epilogue and
+// keep its input (GELU_AUX(_BIAS): out = gelu(product + bias), aux = product + bias), the
+// backward may multiply dinp by GELU′ of a stored input (DGELU): each saves one elementwise pass
+// over (N, 4C). Where cuBLASLt has no algorithm, the product and the gelu.cu kernels do the same.
 // Compute is fp32 (CUBLAS_COMPUTE_32F: no TF32 in fp32 mode). When cuBLASLt's heuristic offers
 // no algorithm for a shape/alignment, the same product goes through cublasGemmEx instead (and the
 // bias through a small kernel), so odd shapes work too, only slower.
@@ -43,6 +47,8 @@ struct Gemm {
     cudaDataType_t ab_type = CUDA_R_32F, d_type = CUDA_R_32F;
     float beta = 0.0f;
     const void* bias = nullptr;  // d_type, length m
+    enum class Gelu { None, Forward, Backward } gelu = Gelu::None;
+    void* aux = nullptr;  // d_type (m, n), leading dim ldd: Forward writes GELU's input, Backward reads it
 };
 
 // Owner of the cuBLASLt descriptors of one call (destroyed even when a check throws).
@@ -67,10 +73,16 @@ bool gemm_lt(Blas& blas, const Gemm& g, cudaStream_t stream) {
     const cublasOperation_t tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-    if (g.bias) {
-        const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    cublasLtEpilogue_t epilogue = g.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    if (g.gelu == Gemm::Gelu::Forward) epilogue = g.bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    if (g.gelu == Gemm::Gelu::Backward) epilogue = CUBLASLT_EPILOGUE_DGELU;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    if (g.bias)
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
+    if (g.gelu != Gemm::Gelu::None) {
+        const int64_t ld_aux = g.ldd;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux, sizeof(g.aux)));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld_aux, sizeof(ld_aux)));
     }
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, g.ab_type, g.trans_a ? g.k : g.m, g.trans_a ? g.m : g.k, g.lda));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, g.ab_type, g.trans_b ? g.n : g.k, g.trans_b ? g.k : g.n, g.ldb));
@@ -98,8 +110,18 @@ bool gemm_lt(Blas& blas, const Gemm& g, cudaStream_t stream) {
     return true;
 }
 
-// The same product through cublasGemmEx; the bias (if any) by add_bias_kernel on (n, m) row-major.
+// The same product through cublasGemmEx; the bias (if any) by add_bias_kernel on (n, m) row-major;
+// a GELU epilogue by the gelu.cu kernels (Forward: the product into aux, then D = gelu(aux);
+// Backward: D = gelu′(aux) ∘ product).
 void gemm_fallback(Blas& blas, const Gemm& g, cudaStream_t stream) {
+    if (g.gelu == Gemm::Gelu::Forward) {
+        Gemm pre = g;
+        pre.gelu = Gemm::Gelu::None;
+        pre.D = g.aux;
+        gemm_fallback(blas, pre, stream);
+        gelu_forward(static_cast<bf16*>(g.D), static_cast<const bf16*>(g.aux), (size_t)g.m * g.n, stream);
+        return;
+    }
     CUBLAS_CHECK(cublasSetStream(blas.blas, stream));
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasGemmEx(blas.blas, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -113,6 +135,9 @@ void gemm_fallback(Blas& blas, const Gemm& g, cudaStream_t stream) {
             add_bias_kernel<<<ceil_div(total, 256), 256, 0, stream>>>(static_cast<bf16*>(g.D), static_cast<const bf16*>(g.bias), g.n, g.m);
         CUDA_LAUNCH_CHECK();
     }
+    if (g.gelu == Gemm::Gelu::Backward)
+        gelu_backward(static_cast<bf16*>(g.D), static_cast<const bf16*>(g.aux), static_cast<const bf16*>(g.D),
+                      (size_t)g.m * g.n, stream);
 }
 
 void gemm(Blas& blas, const Gemm& g, cudaStream_t stream) {
@@ -141,7 +166,15 @@ Blas::~Blas() {
 }
 
 void matmul_forward(Blas& blas, void* out, const void* inp, const void* w, const void* bias,
-                    DType dtype, int N, int IC, int OC, cudaStream_t stream) {
+                    DType dtype, int N, int IC, int OC, cudaStream_t stream, void* gelu_pre) {
+    if (gelu_pre && (dtype != DType::BF16 || IC == 0)) {  // fp32 (the checking path): unfused
+        matmul_forward(blas, gelu_pre, inp, w, bias, dtype, N, IC, OC, stream, nullptr);
+        if (dtype == DType::F32)
+            gelu_forward(static_cast<float*>(out), static_cast<const float*>(gelu_pre), (size_t)N * OC, stream);
+        else
+            gelu_forward(static_cast<bf16*>(out), static_cast<const bf16*>(gelu_pre), (size_t)N * OC, stream);
+        return;
+    }
     Gemm g;
     g.trans_a = true;  // w (OC,IC) row-major = (IC,OC) column-major, transposed
     g.m = OC; g.n = N; g.k = IC;
@@ -150,6 +183,10 @@ void matmul_forward(Blas& blas, void* out, const void* inp, const void* w, const
     g.D = out; g.ldd = OC;
     g.ab_type = g.d_type = cuda_type(dtype);
     g.bias = bias;
+    if (gelu_pre) {
+        g.gelu = Gemm::Gelu::Forward;
+        g.aux = gelu_pre;
+    }
     if (IC == 0) {  // empty product: out = bias (or 0); cuBLAS would reject k = 0
         CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)N * OC * dtype_size(dtype), stream));
         if (!bias || N == 0 || OC == 0) return;
@@ -166,8 +203,14 @@ void matmul_forward(Blas& blas, void* out, const void* inp, const void* w, const
 
 void matmul_backward(Blas& blas, void* dinp, float* dw, float* dbias, const void* dout,
                      const void* inp, const void* w, DType dtype, int N, int IC, int OC,
-                     DeviceScratch& scratch, cudaStream_t stream) {
+                     DeviceScratch& scratch, cudaStream_t stream, const void* gelu_pre) {
     if (N == 0 || IC == 0 || OC == 0) return;  // nothing to add; dinp is empty or has no terms
+    if (gelu_pre && dtype != DType::BF16) {  // fp32 (the checking path): unfused
+        matmul_backward(blas, dinp, dw, dbias, dout, inp, w, dtype, N, IC, OC, scratch, stream, nullptr);
+        gelu_backward(static_cast<float*>(dinp), static_cast<const float*>(gelu_pre), static_cast<const float*>(dinp),
+                      (size_t)N * IC, stream);
+        return;
+    }
     // dinpᵀ (IC,N) = w (IC,OC) · doutᵀ (OC,N)
     Gemm gi;
     gi.m = IC; gi.n = N; gi.k = OC;
@@ -175,6 +218,10 @@ void matmul_backward(Blas& blas, void* dinp, float* dw, float* dbias, const void
     gi.B = dout; gi.ldb = OC;
     gi.D = dinp; gi.ldd = IC;
     gi.ab_type = gi.d_type = cuda_type(dtype);
+    if (gelu_pre) {
+        gi.gelu = Gemm::Gelu::Backward;
+        gi.aux = const_cast<void*>(gelu_pre);
+    }
     gemm(blas, gi, stream);
     // dwᵀ (IC,OC) += inpᵀ (IC,N) · dout (N,OC): B = doutᵀ (OC,N) transposed
     Gemm gw;

@@ -300,13 +300,16 @@ float GPT::forward(const int* tokens, const int* targets, int b, int t, bool tra
     auto rows = [&](Tensor x, size_t width) { return x.slice(0, N * width); };
 
     ops.encoder_forward(rows(a.encoded, C), tokens_dev_, param(WTE), param(WPE), b, t, C);
+    // Every LayerNorm but the first runs fused with the residual add before it
+    // (residual_layernorm_forward): ln2 with residual2, the next layer's ln1 (or lnf) with residual3.
+    ops.layernorm_forward(layer(a.ln1, 0, C), layer(a.ln1_mean, 0, 1), layer(a.ln1_rstd, 0, 1),
+                          rows(a.encoded, C), param(LN1W).slice(0, C), param(LN1B).slice(0, C), N, C);
+    Tensor lnf = rows(a.lnf, C), logits = rows(a.logits, Vp);
     for (int l = 0; l < L; l++) {
         Tensor residual = l == 0 ? rows(a.encoded, C) : layer(a.residual3, l - 1, C);
         Tensor ln1 = layer(a.ln1, l, C), qkv = layer(a.qkv, l, 3 * C), atty = layer(a.atty, l, C);
         Tensor attnp = attn_params_per_layer_ ? param(ATTNP).slice(l * attn_params_per_layer_, attn_params_per_layer_) : Tensor{};
-        // attention half: residual2 = residual + proj(attention(qkv(ln1(residual))))
-        ops.layernorm_forward(ln1, layer(a.ln1_mean, l, 1), layer(a.ln1_rstd, l, 1), residual,
-                              param(LN1W).slice(l * C, C), param(LN1B).slice(l * C, C), N, C);
+        // attention half: residual2 = residual + proj(attention(qkv(ln1(residual)))), ln1 made above
         ops.matmul_forward(qkv, ln1, param(QKVW).slice((size_t)l * 3 * C * C, (size_t)3 * C * C),
                            param(QKVB).slice(l * 3 * C, 3 * C), N, C, 3 * C);
         if (cfg.pos == "rope") ops.rope(qkv, b, t, cfg.H, d, cfg.rope_theta, false);
@@ -316,22 +319,23 @@ float GPT::forward(const int* tokens, const int* targets, int b, int t, bool tra
         Tensor proj = rows(a.proj_out, C);
         ops.matmul_forward(proj, atty, param(ATTPROJW).slice((size_t)l * C * C, (size_t)C * C),
                            param(ATTPROJB).slice(l * C, C), N, C, C);
-        Tensor residual2 = layer(a.residual2, l, C);
-        ops.residual_forward(residual2, residual, proj);
         // MLP half: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
+        Tensor residual2 = layer(a.residual2, l, C);
         Tensor ln2 = layer(a.ln2, l, C), fch = layer(a.fch, l, 4 * C), fch_gelu = layer(a.fch_gelu, l, 4 * C);
-        ops.layernorm_forward(ln2, layer(a.ln2_mean, l, 1), layer(a.ln2_rstd, l, 1), residual2,
-                              param(LN2W).slice(l * C, C), param(LN2B).slice(l * C, C), N, C);
-        ops.matmul_forward(fch, ln2, param(FCW).slice((size_t)l * 4 * C * C, (size_t)4 * C * C),
-                           param(FCB).slice(l * 4 * C, 4 * C), N, C, 4 * C);
-        ops.gelu_forward(fch_gelu, fch);
+        ops.residual_layernorm_forward(residual2, ln2, layer(a.ln2_mean, l, 1), layer(a.ln2_rstd, l, 1), residual,
+                                       proj, param(LN2W).slice(l * C, C), param(LN2B).slice(l * C, C), N, C);
+        ops.matmul_gelu_forward(fch_gelu, fch, ln2, param(FCW).slice((size_t)l * 4 * C * C, (size_t)4 * C * C),
+                                param(FCB).slice(l * 4 * C, 4 * C), N, C, 4 * C);
         ops.matmul_forward(proj, fch_gelu, param(FCPROJW).slice((size_t)l * C * 4 * C, (size_t)C * 4 * C),
                            param(FCPROJB).slice(l * C, C), N, 4 * C, C);
-        ops.residual_forward(layer(a.residual3, l, C), residual2, proj);
+        if (l + 1 < L)  // residual3, and the next layer's ln1 of it
+            ops.residual_layernorm_forward(layer(a.residual3, l, C), layer(a.ln1, l + 1, C),
+                                           layer(a.ln1_mean, l + 1, 1), layer(a.ln1_rstd, l + 1, 1), residual2, proj,
+                                           param(LN1W).slice((l + 1) * C, C), param(LN1B).slice((l + 1) * C, C), N, C);
+        else  // residual3, and the final LayerNorm of it
+            ops.residual_layernorm_forward(layer(a.residual3, l, C), lnf, rows(a.lnf_mean, 1), rows(a.lnf_rstd, 1),
+                                           residual2, proj, param(LNFW), param(LNFB), N, C);
     }
-    Tensor lnf = rows(a.lnf, C), logits = rows(a.logits, Vp);
-    ops.layernorm_forward(lnf, rows(a.lnf_mean, 1), rows(a.lnf_rstd, 1), layer(a.residual3, L - 1, C),
-                          param(LNFW), param(LNFB), N, C);
     ops.matmul_forward(logits, lnf, param(WTE), Tensor{}, N, C, Vp);  // tied output layer
 
     last_b_ = b; last_t_ = t; last_step_ = step;
@@ -392,10 +396,10 @@ void GPT::backward(bool last_micro_step) {
         Tensor residual = l == 0 ? rows(a.encoded, C) : layer(a.residual3, l - 1, C);
         Tensor qkv = layer(a.qkv, l, 3 * C), atty = layer(a.atty, l, C);
         // MLP half (dresidual is the gradient of residual3, and flows on to residual2)
-        ops.matmul_backward(dbt4c, grad(FCPROJW).slice((size_t)l * C * 4 * C, (size_t)C * 4 * C),
-                            grad(FCPROJB).slice(l * C, C), dresidual, layer(a.fch_gelu, l, 4 * C),
-                            param(FCPROJW).slice((size_t)l * C * 4 * C, (size_t)C * 4 * C), N, 4 * C, C);
-        ops.gelu_backward(dbt4c, layer(a.fch, l, 4 * C), dbt4c);
+        ops.matmul_backward_gelu(dbt4c, grad(FCPROJW).slice((size_t)l * C * 4 * C, (size_t)C * 4 * C),
+                                 grad(FCPROJB).slice(l * C, C), dresidual, layer(a.fch_gelu, l, 4 * C),
+                                 param(FCPROJW).slice((size_t)l * C * 4 * C, (size_t)C * 4 * C),
+                                 layer(a.fch, l, 4 * C), N, 4 * C, C);  // dbt4c: the gradient at fch
         ops.matmul_backward(dbtc, grad(FCW).slice((size_t)l * 4 * C * C, (size_t)4 * C * C),
                             grad(FCB).slice(l * 4 * C, 4 * C), dbt4c, layer(a.ln2, l, C),
                             param(FCW).slice((size_t)l * 4 * C * C, (size_t)4 * C * C), N, C, 4 * C);

@@ -83,8 +83,28 @@ public:
     // GELU, tanh approximation: out (n) = gelu(inp); dinp = gelu'(inp) * dout (dinp may alias dout)
     virtual void gelu_forward(Tensor out, Tensor inp) = 0;
     virtual void gelu_backward(Tensor dinp, Tensor inp, Tensor dout) = 0;
+    // The MLP's pairs, which a backend may fuse (CUDA: the GELU in the matmul's epilogue):
+    // pre (N,OC) = inp @ wᵀ + bias, act (N,OC) = gelu(pre)
+    virtual void matmul_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor w, Tensor bias, int N, int IC,
+                                     int OC) {
+        matmul_forward(pre, inp, w, bias, N, IC, OC);
+        gelu_forward(act, pre);
+    }
+    // matmul_backward with inp = gelu(pre), then dinp = gelu'(pre) * dinp: the gradient at pre (N,IC)
+    virtual void matmul_backward_gelu(Tensor dinp, Tensor dw, Tensor dbias, Tensor dout, Tensor inp, Tensor w,
+                                      Tensor pre, int N, int IC, int OC) {
+        matmul_backward(dinp, dw, dbias, dout, inp, w, N, IC, OC);
+        gelu_backward(dinp, pre, dinp);
+    }
     // out = a + b (n elements)
     virtual void residual_forward(Tensor out, Tensor a, Tensor b) = 0;
+    // residual (N,C) = a + b, then layernorm_forward of it into out, mean, rstd: the same values as
+    // the two ops (CUDA fuses them into one pass over the row)
+    virtual void residual_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a,
+                                            Tensor b, Tensor w, Tensor bias, int N, int C) {
+        residual_forward(residual, a, b);
+        layernorm_forward(out, mean, rstd, residual, w, bias, N, C);
+    }
     // acc += x (n elements), used to sum residual-stream gradients
     virtual void add_inplace(Tensor acc, Tensor x) = 0;
     // Fused softmax cross-entropy over logits (N, Vp) whose columns >= V are padding (masked).

@@ -205,6 +205,35 @@ TEST_P(CudaOpsP, LayerNorm) {
     }
 }
 
+// residual_layernorm_forward: bitwise residual_forward then layernorm_forward on the GPU (the same
+// rounded values summed in the same order), and the CPU's within the usual tolerances
+TEST_P(CudaOpsP, ResidualLayerNorm) {
+    struct Shape { int N, C; };
+    for (Shape s : {Shape{1, 8}, Shape{3, 37}, Shape{64, 768}, Shape{1000, 33}}) {
+        SCOPED_TRACE(shape_name({{"N", s.N}, {"C", s.C}}));
+        const size_t NC = (size_t)s.N * s.C;
+        Mirror a = act_mirror(normal(rng, NC, 1.0f, 1.5f)), b = act_mirror(normal(rng, NC));
+        Mirror w = act_mirror(uniform(rng, s.C, 0.5f, 1.5f)), bias = act_mirror(uniform(rng, s.C, -0.5f, 0.5f));
+        Buffer res_f = gpu_out(act, NC), out_f = gpu_out(act, NC), mean_f = gpu_out(DType::F32, s.N),
+               rstd_f = gpu_out(DType::F32, s.N);
+        gpu->residual_layernorm_forward(res_f.t(), out_f.t(), mean_f.t(), rstd_f.t(), a.gpu.t(), b.gpu.t(),
+                                        w.gpu.t(), bias.gpu.t(), s.N, s.C);
+        Buffer res_u = gpu_out(act, NC), out_u = gpu_out(act, NC), mean_u = gpu_out(DType::F32, s.N),
+               rstd_u = gpu_out(DType::F32, s.N);
+        gpu->residual_forward(res_u.t(), a.gpu.t(), b.gpu.t());
+        gpu->layernorm_forward(out_u.t(), mean_u.t(), rstd_u.t(), res_u.t(), w.gpu.t(), bias.gpu.t(), s.N, s.C);
+        EXPECT_TRUE(bitwise_equal(download(*gpu, res_f.t()), download(*gpu, res_u.t()))) << "residual";
+        EXPECT_TRUE(bitwise_equal(download(*gpu, out_f.t()), download(*gpu, out_u.t()))) << "out";
+        EXPECT_TRUE(bitwise_equal(download(*gpu, mean_f.t()), download(*gpu, mean_u.t()))) << "mean";
+        EXPECT_TRUE(bitwise_equal(download(*gpu, rstd_f.t()), download(*gpu, rstd_u.t()))) << "rstd";
+        Buffer res_c = cpu_out(NC), out_c = cpu_out(NC), mean_c = cpu_out(s.N), rstd_c = cpu_out(s.N);
+        cpu->residual_layernorm_forward(res_c.t(), out_c.t(), mean_c.t(), rstd_c.t(), a.cpu.t(), b.cpu.t(),
+                                        w.cpu.t(), bias.cpu.t(), s.N, s.C);
+        EXPECT_LT(rel_err(download(*gpu, res_f.t()), download(*cpu, res_c.t())), tol()) << "residual vs CPU";
+        EXPECT_LT(rel_err(download(*gpu, out_f.t()), download(*cpu, out_c.t())), tol()) << "out vs CPU";
+    }
+}
+
 // ---------------------------------------------------------------- matmul
 TEST_P(CudaOpsP, Matmul) {
     struct Shape { int N, IC, OC; };
@@ -248,6 +277,57 @@ TEST_P(CudaOpsP, Matmul) {
                     for (int i = 0; i < 3; i++) first[i] = got[i];
                 } else {
                     for (int i = 0; i < 3; i++) EXPECT_TRUE(bitwise_equal(got[i], first[i])) << "matmul backward output " << i << " not deterministic";
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the MLP's fused matmul + GELU
+// matmul_gelu_forward / matmul_backward_gelu (bf16: GELU in cuBLASLt's epilogue) against the CPU's
+// composition (matmul then gelu), on the model's shapes and odd ones (no cuBLASLt algorithm: the
+// fallback). The fused bf16 path rounds once where the composition rounds twice: bf16 tolerances.
+TEST_P(CudaOpsP, MatmulGelu) {
+    struct Shape { int N, IC, OC; };
+    for (Shape s : {Shape{64, 96, 384}, Shape{37, 13, 52}, Shape{256, 768, 3072}, Shape{5, 16, 64}}) {
+        for (bool with_bias : {true, false}) {
+            SCOPED_TRACE(shape_name({{"N", s.N}, {"IC", s.IC}, {"OC", s.OC}, {"bias", with_bias}}));
+            const size_t NI = (size_t)s.N * s.IC, NO = (size_t)s.N * s.OC, OI = (size_t)s.OC * s.IC;
+            Mirror inp = act_mirror(normal(rng, NI));
+            Mirror w = act_mirror(normal(rng, OI, 0.0f, 1.0f / std::sqrt((float)s.IC)));
+            Mirror bias = act_mirror(normal(rng, s.OC));
+            const Tensor bias_g = with_bias ? bias.gpu.t() : Tensor{}, bias_c = with_bias ? bias.cpu.t() : Tensor{};
+            Buffer act_g = gpu_out(act, NO), pre_g = gpu_out(act, NO), act_c = cpu_out(NO), pre_c = cpu_out(NO);
+            gpu->matmul_gelu_forward(act_g.t(), pre_g.t(), inp.gpu.t(), w.gpu.t(), bias_g, s.N, s.IC, s.OC);
+            cpu->matmul_gelu_forward(act_c.t(), pre_c.t(), inp.cpu.t(), w.cpu.t(), bias_c, s.N, s.IC, s.OC);
+            EXPECT_LT(rel_err(download(*gpu, pre_g.t()), download(*cpu, pre_c.t())), tol()) << "pre";
+            EXPECT_LT(rel_err(download(*gpu, act_g.t()), download(*cpu, act_c.t())), tol()) << "act";
+            // backward of the next layer (OC -> IC = this OC) through the GELU: a layer whose input is
+            // act (N, OC) and output (N, IC2)
+            const int IC2 = s.OC, OC2 = s.IC;
+            Mirror w2 = act_mirror(normal(rng, (size_t)OC2 * IC2, 0.0f, 1.0f / std::sqrt((float)IC2)));
+            Mirror dout = act_mirror(normal(rng, (size_t)s.N * OC2));
+            Mirror pre = act_mirror(download(*cpu, pre_c.t())), a = act_mirror(download(*cpu, act_c.t()));
+            const std::vector<float> dw0 = normal(rng, (size_t)OC2 * IC2), db0 = normal(rng, OC2);
+            Mirror dw = f32_mirror(dw0), db = f32_mirror(db0);
+            Buffer dinp_g(*gpu, act, NO), dinp_c = cpu_out(NO);
+            cpu->matmul_backward_gelu(dinp_c.t(), dw.cpu.t(), db.cpu.t(), dout.cpu.t(), a.cpu.t(), w2.cpu.t(),
+                                      pre.cpu.t(), s.N, IC2, OC2);
+            std::vector<float> first;
+            for (int run = 0; run < 2; run++) {
+                poison(*gpu, dinp_g.t());
+                upload(*gpu, dw.gpu.t(), dw0);
+                upload(*gpu, db.gpu.t(), db0);
+                gpu->matmul_backward_gelu(dinp_g.t(), dw.gpu.t(), db.gpu.t(), dout.gpu.t(), a.gpu.t(), w2.gpu.t(),
+                                          pre.gpu.t(), s.N, IC2, OC2);
+                const std::vector<float> got = download(*gpu, dinp_g.t());
+                if (run == 0) {
+                    EXPECT_LT(rel_err(got, download(*cpu, dinp_c.t())), tol()) << "dinp";
+                    EXPECT_LT(rel_err(download(*gpu, dw.gpu.t()), download(*cpu, dw.cpu.t())), grad_tol()) << "dw";
+                    EXPECT_LT(rel_err(download(*gpu, db.gpu.t()), download(*cpu, db.cpu.t())), grad_tol()) << "db";
+                    first = got;
+                } else {
+                    EXPECT_TRUE(bitwise_equal(got, first)) << "fused backward not deterministic";
                 }
             }
         }
