@@ -6,43 +6,49 @@
 // own max and ck_j the running max over keys ≤ j, w_ij = (φq_i·φk_j)·exp(ck_j − ck_i) for j ≤ i,
 // o_i = Σ w_ij v_j / R_i with R_i = Σ w_ij (o_i = 0, no gradient, where R_i ≤ 1e-30).
 //
-// Per (b, h) the keys are cut into chunks of kChunk = 64 positions (the CPU's kPerformerChunk).
-// The products with Ω (the logits x̃·Ωᵀ and the feature-map gradient da·Ω) are two fp32 cuBLAS
-// GEMMs over every row of q and k (no TF32), with augmented operands carrying −‖x̃‖²/2 and Σ_f da.
-// Every other step is a small batched fp32 GEMM (block_gemm of tf32_block_gemm.cuh: 64×64 output
-// tile per 256-thread block on the tensor cores, operands read through loaders that compute
-// features on the fly): 3xTF32 (fp32 accuracy) in the fp32 path; in the bf16 path one TF32
-// product, two for the cancelling scores M (Tf32::SplitA). All sums run in a fixed order, no
-// atomics (cuBLAS is reproducible run to run on one GPU): forward and backward are bitwise
-// deterministic.
-//   forward   1. logits a = x̃·Ωᵀ − ‖x̃‖²/2 of q and k            -> workspace (B,H,T,m)
-//                and their maxima over each 64-feature tile      -> workspace (B,H,T,m/64)
-//             2. cq (row max), ck (running max: a block scan)     -> saved
-//             3. per chunk c: U_c = Σ_{j∈c} exp(ck_j − ck_last(c))·φk_j·[v_j|1]ᵀ   (m × (d+1))
-//             4. exclusive prefix over chunks, in fixed order: S_c (frame ck_last(c−1))
-//             5. per chunk: W = tril(Φq·Φkᵀ ∘ exp(ck_j − ck_i))      (64 × 64)
-//             6. out_i = exp(ck_last(c−1) − ck_i)·S_cᵀφq_i + Σ_j W_ij·[v_j|1]     (d+1)
-//             7. o = out[:d]/R (guarded), R saved
-//   backward  the logits again; g_i = [dO_i/R_i, −(dO_i·o_i)/R_i]; S_c as in the forward; the
-//             suffix states G_c = Σ_{i after chunk c} exp(ck_last(c) − ck_i)·φq_i·g_iᵀ (local
-//             states per chunk, then a reverse scan in fixed order); W and
-//             M_ij = exp(ck_j − ck_i)·([v_j|1]·g_i) per chunk; then
-//             dφq = r∘g·S_cᵀ + M·Φk,   dφk = ρ∘[V|1]·G_cᵀ + Mᵀ·Φq,   dv = ρ∘Φk·G_c + Wᵀ·g
-//             (r_i = exp(ck_last(c−1) − ck_i), ρ_j = exp(ck_j − ck_last(c))), and through the
-//             feature map: dx = d^(-1/4)·(Ωᵀ·da − x̃·Σ_f da_f), da = dφ·m^(-1/2)·e.
-// All exponents are ≤ 0: nothing overflows, whatever the input magnitude.
-// Stabilisers from per-tile logit maxima (a block scan instead of one warp loop over every logit
-// row per head), chunk scans with batched loads and single-TF32 products in the bf16 path took
-// forward+backward from 58.9 to 49.1 ms (H100, bf16, B=2 H=12 T=32768 d=64, m=256). The Ω
-// products as cuBLAS SGEMMs instead of 3xTF32 block_gemm tiles: (not yet measured; branch
-// next-performer-cublas).
+// Per (b, h) the positions are cut into chunks of kChunk = 64 (the CPU's kPerformerChunk); every
+// per-position array of the workspace is padded to Tp = nc·64 rows per head (zero rows past T),
+// so that chunk z = bh·nc + c of every array sits at a fixed stride and each product below is ONE
+// strided-batched cuBLAS GEMM over all chunks of all heads. The operands of those GEMMs are
+// materialised in the storage type E (bf16 for bf16 inputs: tensor cores, fp32 accumulation;
+// fp32 for fp32 inputs: fp32 without TF32, the checking path); every frame factor exp(ck − ck')
+// that depends on one position only is applied to that position's row, so no materialised
+// operand holds anything but features, values or gradients scaled by factors ≤ 1.
+//   forward   1. logits a = x̃·Ωᵀ − ‖x̃‖²/2 of q and k (one fp32 GEMM, operands augmented with
+//                −‖x̃‖²/2 and a ones column) and their maxima per 64-feature tile
+//             2. cq (row max), ck (running max: a block scan)                        -> saved
+//             3. Φq, Φk (E) from the logits; Vρ_j = ρ_j·[v_j|1], V1_j = [v_j|1] (E),
+//                ρ_j = exp(ck_j − ck_last(c))
+//             4. U_c = Φk_cᵀ·Vρ_c (m × (d+1) per chunk), exclusive prefix over chunks in fixed
+//                order (frame ck_last(c−1)): S_c (E)
+//             5. W_c = tril(Φq_c·Φk_cᵀ ∘ exp(ck_j − ck_i))                            (64 × 64, E)
+//             6. out_i = r_i·(Φq_i·S_c) + (W_c·V1_c)_i,  r_i = exp(ck_last(c−1) − ck_i) (0 in chunk 0)
+//             7. o = out[:d]/R (guarded), R = out[d] saved
+//   backward  the logits and operands again; D_i = dO_i·o_i, g_i = [dO_i | −D_i]/R_i (0 for
+//             guarded rows), rg_i = r_i·g_i (E), dO (E); S_c as in the forward; the suffix states
+//             G_c = Σ_{i after chunk c} exp(ck_last(c) − ck_i)·φq_i·g_iᵀ (local Φq_cᵀ·rg_c, then a
+//             reverse scan); W'_ij = W_ij/R_i and M_ij = exp(ck_j − ck_i)·(dO_i·v_j − D_i)/R_i
+//             (the products dO·vᵀ on the unrounded inputs, D_i subtracted in fp32 as flash does);
+//             dφq = rg·S_cᵀ + M·Φk,   dφk = Vρ·G_cᵀ + Mᵀ·Φq,   dv = ρ∘(Φk·G_c) + W'ᵀ·dO;
+//             then through the feature map: da = dφ·m^(-1/2)·exp(a − c) in fp32 from the logits,
+//             dx = d^(-1/4)·(Ωᵀ·da − x̃·Σ_f da_f) (one fp32 GEMM: da·[Ω | 1]).
+// All exponents are ≤ 0: nothing overflows, whatever the input magnitude. Sums run in a fixed
+// order, no atomics (cuBLAS is reproducible run to run on one GPU): bitwise deterministic.
+// Speed (H100, bf16, B=2 H=12 T=32768 d=64, m=256, forward+backward): 58.9 ms (first version)
+// -> 49.1 ms (per-tile stabilisers, batched scans) -> 46.7 ms (Ω products as cuBLAS SGEMMs)
+// with 64×64 TF32 tile kernels computing features in their loaders (latency-bound, ~8 TFLOP/s)
+// -> (this version: materialised operands and strided-batched cuBLAS GEMMs) see RESULTS.md.
+// Math: bf16 storage rounds the features, ρ·[v|1], r·g, the states and the chunk scores to
+// bf16 (2^-9 relative) for the tensor cores; the logits, D_i, the normaliser and da stay fp32;
+// Ωᵀ·da runs in TF32. fp32 storage keeps fp32 accuracy throughout.
 //
 // saved (fp32): R, cq, ck — three (B,H,T) arrays, as the CPU.
-// workspace (fp32), linear in T: logits of q and k and their gradients 4·(B·H·T·m), the chunk
-// states S and G 2·(B·H·nc·m·(d+1)), the chunk scores W and M 2·(B·H·nc·64·64), one (B,H,T,d+1)
-// row buffer, the augmented rows of the Ω GEMMs 4·(B·H·T·xld) (xld = d + 1 rounded up to 4);
-// nc = ceil(T/64). About B·H·T·(4m + 2m(d+1)/64 + 128 + d + 1 + 2m/64 + 4·xld) floats: 7.9 KB
-// per (b, h, t) at m = 256, d = 64 (790 MB at B·H = 96, T = 1024).
+// workspace, linear in T (N = B·H·Tp padded rows, mld = m and dl = d + 1 rounded up to 8, nc
+// chunks per head): fp32 logits and their gradients 4·N·mld, one fp32 state buffer
+// B·H·nc·m·dl, chunk scores N·64, two row buffers 2·N·dl, tile maxima, the augmented rows of the
+// Ω GEMMs 4·N·xld; storage-type (sized as fp32) Φq, Φk 2·N·mld, Vρ, V1, dO, rg 4·N·dl, S and G
+// 2·B·H·nc·m·dl, W and M 2·N·64. About N·(6·mld + 2·m·dl/64·3 + 192 + 6·dl + 4·xld) floats:
+// ~11 KB per (b, h, t) at m = 256, d = 64.
 // Any head dim d ≥ 1 and feature count m ≥ 1; inputs bf16 or fp32 (all tensors one dtype),
 // strided HeadTensors; outputs in the input dtype; all accumulation in fp32.
 #include <cuda_bf16.h>
@@ -60,102 +66,137 @@
 #include "cuda/attention/cuda_variants.cuh"
 #include "cuda/common.cuh"
 #include "cuda/attention/strided.cuh"
-#include "cuda/attention/tf32_block_gemm.cuh"
 
 namespace {
 
-constexpr int kChunk = kPerformerChunk;  // positions per chunk (64), = the GEMM tile
-static_assert(kChunk == kTile, "one chunk is one GEMM tile of rows");
+constexpr int kChunk = kPerformerChunk;  // positions per chunk (64)
+constexpr int kThreads = 256;            // threads per block of every kernel here (but the stabiliser's)
+constexpr int kTile = 64;                // features per tile of the logit maxima
 
+inline int round8(int x) { return (x + 7) / 8 * 8; }
+// Row stride of the augmented rows (xaug, gaug) and of Ω1 = [Ω | 1 | 0..]: d + 1 rounded up to 4
+// floats (16-byte rows for cuBLAS).
+inline int aug_ld(int d) { return (d + 1 + 3) / 4 * 4; }
 
 // Sizes and constants of one call.
 struct Dims {
-    int B, H, T, d, m, nc;  // nc = number of chunks
+    int B, H, T, d, m, nc;  // nc = number of chunks per head
+    int Tp;                 // nc·64: rows per head of the padded arrays
+    int mld, dl;            // row strides: m and d + 1 rounded up to 8
+    size_t N;               // B·H·Tp padded rows
     float in_scale;         // d^(-1/4), rounded as the CPU rounds it
     float phi_scale;        // m^(-1/2)
     float epsilon;          // ε
 };
 
-// The workspace, carved into fp32 arrays (see the top of the file).
+// The workspace. Padded row p = bh·Tp + t; chunk z = bh·nc + c covers rows z·64 .. z·64+63.
+template <typename E>
 struct Work {
-    float* aq;       // (B,H,T,m) query logits a = x̃·Ωᵀ − ‖x̃‖²/2
-    float* ak;       // (B,H,T,m) key logits
-    float* daq;      // (B,H,T,m) backward: dφq·m^(-1/2)·eq
-    float* dak;      // (B,H,T,m) backward: dφk·m^(-1/2)·ek
-    float* state_s;  // (B,H,nc,m,d+1) prefix states S_c
-    float* state_g;  // (B,H,nc,m,d+1) suffix states G_c
-    float* score_w;  // (B,H,nc,64,64) W
-    float* score_m;  // (B,H,nc,64,64) M
-    float* rows;     // (B,H,T,d+1) forward: unnormalised out; backward: g
-    float* qmax;     // (B,H,T,ceil(m/64)) max of aq over each 64-feature tile
-    float* kmax;     // (B,H,T,ceil(m/64)) max of ak over each 64-feature tile
-    float* xaug;     // (2·B·H·T, xld) rows [x̃ | −‖x̃‖²/2 | 0..] of q, then of k: the logits GEMM's A
-    float* gaug;     // (2·B·H·T, xld) backward: [Ωᵀ·da | Σ_f da | 0..] of q, then of k
+    float* logits;   // (2N, mld) a of q (rows 0..N-1), then of k
+    float* dphi;     // (2N, mld) backward: dφ of q, then of k; then da in place
+    float* state;    // (B·H·nc, m, dl) local chunk states U_c (forward) or Σ_{i∈c} r_i φq_i g_iᵀ (backward)
+    float* score;    // (B·H·nc, 64, 64) raw chunk products Φq·Φkᵀ, then dO·V1ᵀ
+    float* out_s;    // (N, dl) forward: Φq·S_c; backward: Φk·G_c
+    float* out_l;    // (N, dl) forward: W·V1; backward: W'ᵀ·dO
+    float* dot;      // (N) backward: D_i = dO_i·o_i
+    float* tile_max; // (2N, ceil(m/64)) max of the logits over each 64-feature tile (q, then k)
+    float* xaug;     // (2N, xld) rows [x̃ | −‖x̃‖²/2 | 0..] of q, then of k: the logits GEMM's A
+    float* gaug;     // (2N, xld) backward: [Ωᵀ·da | Σ_f da | 0..] of q, then of k
+    E* phi;          // (2N, mld) Φq, then Φk
+    E* v_rho;        // (N, dl) ρ_j·[v_j | 1]
+    E* v_one;        // (N, dl) [v_j | 1]
+    E* s;            // (B·H·nc, m, dl) prefix states S_c
+    E* g;            // (B·H·nc, m, dl) suffix states G_c
+    E* w;            // (B·H·nc, 64, 64) W (forward) or W' = W/R (backward)
+    E* mm;           // (B·H·nc, 64, 64) M
+    E* dout;         // (N, dl) dO (columns ≥ d zero)
+    E* rg;           // (N, dl) r_i·g_i
 };
 
-// Row stride of the augmented rows (xaug, gaug) and of Ω1 = [Ω | 1 | 0..]: d + 1 rounded up to 4
-// floats (16-byte rows for cuBLAS).
-inline int aug_ld(int d) { return (d + 1 + 3) / 4 * 4; }
-
 struct WorkLayout {
-    size_t logits, states, scores, rows, tile_max, aug;
-    size_t total() const { return 4 * logits + 2 * states + 2 * scores + rows + 2 * tile_max + 2 * aug; }
-    Work carve(float* base) const {
-        Work w;
-        w.aq = base;
-        w.ak = w.aq + logits;
-        w.daq = w.ak + logits;
-        w.dak = w.daq + logits;
-        w.state_s = w.dak + logits;
-        w.state_g = w.state_s + states;
-        w.score_w = w.state_g + states;
-        w.score_m = w.score_w + scores;
-        w.rows = w.score_m + scores;
-        w.qmax = w.rows + rows;
-        w.kmax = w.qmax + tile_max;
-        w.xaug = w.kmax + tile_max;
-        w.gaug = w.xaug + aug;
+    size_t rows_m, states, scores, rows_d, dots, tmax, aug;  // floats per array (rounded to 64)
+    static size_t round64(size_t n) { return (n + 63) / 64 * 64; }  // 256-byte aligned arrays
+    WorkLayout(const Dims& D) {
+        const size_t bhc = (size_t)D.B * D.H * D.nc;
+        rows_m = round64(2 * D.N * D.mld);
+        states = round64(bhc * D.m * D.dl);
+        scores = round64(bhc * kChunk * kChunk);
+        rows_d = round64(D.N * D.dl);
+        dots = round64(D.N);
+        tmax = round64(2 * D.N * ((D.m + kTile - 1) / kTile));
+        aug = round64(2 * D.N * aug_ld(D.d));
+    }
+    // fp32 arrays, then the storage-type ones, each sized as fp32 (the bf16 ones use half)
+    size_t total() const {
+        return 2 * rows_m + states + scores + 2 * rows_d + dots + tmax + 2 * aug +  // fp32
+               rows_m + 4 * rows_d + 2 * states + 2 * scores;                         // E
+    }
+    template <typename E>
+    Work<E> carve(float* p) const {
+        Work<E> w;
+        auto take = [&](size_t n) { float* at = p; p += n; return at; };
+        w.logits = take(rows_m);
+        w.dphi = take(rows_m);
+        w.state = take(states);
+        w.score = take(scores);
+        w.out_s = take(rows_d);
+        w.out_l = take(rows_d);
+        w.dot = take(dots);
+        w.tile_max = take(tmax);
+        w.xaug = take(aug);
+        w.gaug = take(aug);
+        w.phi = reinterpret_cast<E*>(take(rows_m));
+        w.v_rho = reinterpret_cast<E*>(take(rows_d));
+        w.v_one = reinterpret_cast<E*>(take(rows_d));
+        w.dout = reinterpret_cast<E*>(take(rows_d));
+        w.rg = reinterpret_cast<E*>(take(rows_d));
+        w.s = reinterpret_cast<E*>(take(states));
+        w.g = reinterpret_cast<E*>(take(states));
+        w.w = reinterpret_cast<E*>(take(scores));
+        w.mm = reinterpret_cast<E*>(take(scores));
         return w;
     }
 };
-WorkLayout work_layout(const AttnShape& s, int m) {
-    const size_t bh = (size_t)s.B * s.H, nc = (size_t)ceil_div(s.T, kChunk);
-    return WorkLayout{bh * s.T * m, bh * nc * m * (s.d + 1), bh * nc * kChunk * kChunk,
-                      bh * s.T * (s.d + 1), bh * s.T * ceil_div(m, kTile), 2 * bh * s.T * aug_ld(s.d)};
+
+// Key stabiliser at the last position of chunk c (ckh: one head's (T) array).
+__device__ __forceinline__ float ck_last(const float* ckh, int c, int T) {
+    return ckh[min(c * kChunk + kChunk - 1, T - 1)];
+}
+// r_t = exp(ck_last(c−1) − ck_t) for t in chunk c ≥ 1 (0 in chunk 0: its prefix state is empty).
+__device__ __forceinline__ float query_frame(const float* ckh, int t, int T) {
+    const int c = t / kChunk;
+    return c > 0 ? expf(ck_last(ckh, c - 1, T) - ckh[t]) : 0.f;
+}
+// ρ_t = exp(ck_t − ck_last(c)) for t in chunk c.
+__device__ __forceinline__ float key_frame(const float* ckh, int t, int T) {
+    return expf(ckh[t] - ck_last(ckh, t / kChunk, T));
 }
 
-
-// Key stabiliser at the last position of chunk c.
-__device__ __forceinline__ float ck_last(const float* ck, int c, int T) {
-    return ck[min(c * kChunk + kChunk - 1, T - 1)];
+// Position of padded row p (of N): head bh, time t (t ≥ T: a padding row).
+struct PaddedRow {
+    int bh, t;
+};
+__device__ __forceinline__ PaddedRow padded_row(const Dims& D, size_t p) {
+    return PaddedRow{(int)(p / D.Tp), (int)(p % D.Tp)};
 }
 
-// φ from a logit and its stabiliser: m^(-1/2)·(exp(a − c) + ε), as the CPU computes it.
-__device__ __forceinline__ float feature(float logit, float stab, const Dims& D) {
-    return D.phi_scale * (expf(logit - stab) + D.epsilon);
-}
-
-// ================================================================ forward (and shared) kernels
-// 1. Logits of q and k: a[t][f] = Σ_i Ω[f][i]·x̃[t][i] − ‖x̃_t‖²/2, x̃ = d^(-1/4)·x, as one fp32
-// cuBLAS GEMM over every row of q and k (host side, logits()): A = xaug rows [x̃ | −‖x̃‖²/2 | 0..],
-// B = Ω1ᵀ with Ω1 = [Ω | 1 | 0..], so the subtraction rides in the product; then the maximum of
-// each row over each 64-feature tile (for the stabilisers). Replaced a 3xTF32 block_gemm kernel
-// (64 × 64 tiles, K = d) that did both: see the top of the file.
-
-// xaug (2·rows, xld): row n < rows is q's row n (in (B,H,T) order), row rows + n is k's. One warp per row.
+// ================================================================ row kernels
+// xaug (2N, xld): row p < N is q's padded row p, row N + p is k's; padding rows are zero. One warp per row.
 template <typename Tin>
 __global__ void __launch_bounds__(kThreads)
     augment_rows_kernel(Dims D, Strided Q, Strided K, float* xaug, int xld) {
-    const size_t rows = (size_t)D.B * D.H * D.T;
     const size_t n = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
-    if (n >= 2 * rows) return;
+    if (n >= 2 * D.N) return;
     const int lane = threadIdx.x % 32;
-    const bool is_k = n >= rows;
-    const size_t r = is_k ? n - rows : n;
-    const int t = (int)(r % D.T), bh = (int)(r / D.T), b = bh / D.H, h = bh % D.H;
-    const Strided X = is_k ? K : Q;
-    const Tin* x = head_slice<const Tin>(X, b, h) + (int64_t)t * X.st;
+    const bool is_k = n >= D.N;
+    const PaddedRow r = padded_row(D, is_k ? n - D.N : n);
     float* out = xaug + n * xld;
+    if (r.t >= D.T) {
+        for (int col = lane; col < xld; col += 32) out[col] = 0.f;
+        return;
+    }
+    const Strided X = is_k ? K : Q;
+    const Tin* x = head_slice<const Tin>(X, r.bh / D.H, r.bh % D.H) + (int64_t)r.t * X.st;
     float sum = 0.f;
     for (int col = lane; col < D.d; col += 32) {
         const float xt = D.in_scale * to_f32(x[col]);
@@ -166,14 +207,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int col = D.d + lane; col < xld; col += 32) out[col] = col == D.d ? -0.5f * sum : 0.f;
 }
 
-// tile_max[n][ft] = max over the features of tile ft of the logits row n (aq then ak: 2·rows rows;
-// qmax then kmax are contiguous). One warp per row.
+// tile_max[n][ft] = max over the features of tile ft of logits row n (2N rows). One warp per row.
 __global__ void __launch_bounds__(kThreads) tile_max_kernel(Dims D, const float* __restrict__ logits, float* tile_max) {
-    const size_t rows2 = 2 * (size_t)D.B * D.H * D.T;
     const size_t n = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
-    if (n >= rows2) return;
+    if (n >= 2 * D.N) return;
     const int lane = threadIdx.x % 32, f_tiles = (D.m + kTile - 1) / kTile;
-    const float* a = logits + n * D.m;
+    const float* a = logits + n * D.mld;
     for (int ft = 0; ft < f_tiles; ft++) {
         float mx = -INFINITY;
         for (int f = ft * kTile + lane; f < min(D.m, (ft + 1) * kTile); f += 32) mx = fmaxf(mx, a[f]);
@@ -182,18 +221,18 @@ __global__ void __launch_bounds__(kThreads) tile_max_kernel(Dims D, const float*
     }
 }
 
-// 2. Stabilisers: cq_t = max_f aq[t][f]; ck_t = max_{t' ≤ t} max_f ak[t'][f], from the per-tile
-// maxima of the logits kernel. Grid (B·H), block 1024: each thread takes kStabRun consecutive
-// positions, a block scan carries the running max across threads and across rounds of
-// 1024·kStabRun positions. (Max is exact: any order gives the same bits.)
+// Stabilisers: cq_t = max_f aq[t][f]; ck_t = max_{t' ≤ t} max_f ak[t'][f], from the per-tile
+// maxima. Grid (B·H), block 1024: each thread takes kStabRun consecutive positions, a block scan
+// carries the running max across threads and across rounds of 1024·kStabRun positions. (Max is
+// exact: any order gives the same bits.)
 constexpr int kStabRun = 16;
 __global__ void __launch_bounds__(1024)
-    stabiliser_kernel(Dims D, int f_tiles, const float* __restrict__ qmax, const float* __restrict__ kmax,
-                      float* cq, float* ck) {
+    stabiliser_kernel(Dims D, const float* __restrict__ qmax, const float* __restrict__ kmax, float* cq, float* ck) {
     __shared__ float warp_total[32];
     __shared__ float carry;
     const int bh = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t row0 = (size_t)bh * D.T;
+    const int f_tiles = (D.m + kTile - 1) / kTile;
+    const size_t row0 = (size_t)bh * D.T, prow0 = (size_t)bh * D.Tp;
     if (threadIdx.x == 0) carry = -INFINITY;
     __syncthreads();
     for (int base = 0; base < D.T; base += 1024 * kStabRun) {
@@ -206,8 +245,8 @@ __global__ void __launch_bounds__(1024)
             float mq = -INFINITY, mk = -INFINITY;
             if (t < D.T) {
                 for (int f = 0; f < f_tiles; f++) {
-                    mq = fmaxf(mq, qmax[(row0 + t) * f_tiles + f]);
-                    mk = fmaxf(mk, kmax[(row0 + t) * f_tiles + f]);
+                    mq = fmaxf(mq, qmax[(prow0 + t) * f_tiles + f]);
+                    mk = fmaxf(mk, kmax[(prow0 + t) * f_tiles + f]);
                 }
                 cq[row0 + t] = mq;
             }
@@ -237,86 +276,81 @@ __global__ void __launch_bounds__(1024)
     }
 }
 
-// 3. Local state of chunk c: U[f][col] = Σ_{t∈c} α_t,f·Y_t,col (m × (d+1)), written at
-// states[(bh, c)].
-//   forward  (kBackward = false): α = φk_t,f·exp(ck_t − ck_last(c)),      Y_t = [v_t | 1]
-//   backward (kBackward = true):  α = φq_t,f·exp(ck_last(c−1) − ck_t),    Y_t = g_t (rows buffer);
-//            chunk 0 has no such state and is skipped.
-// Grid (ceil(m/64)·ceil((d+1)/64), nc, B·H).
-template <typename Tin, bool kBackward>
+// Features Φ (2N, mld) in E from the logits: φ = m^(-1/2)·(exp(a − c) + ε), c = cq (q rows) or
+// ck (k rows); 0 in padding rows and columns. Four features per thread (mld is a multiple of 8).
+template <typename E>
 __global__ void __launch_bounds__(kThreads)
-    chunk_state_kernel(Dims D, const float* __restrict__ logits, const float* __restrict__ stab,
-                       const float* __restrict__ ck, Strided V, const float* __restrict__ g_rows,
-                       float* states) {
-    __shared__ GemmSmem sm;
-    __shared__ float s_stab[kChunk], s_scale[kChunk];
-    const int col_tiles = (D.d + kTile) / kTile;  // ceil((d+1)/64)
-    const int f0 = (blockIdx.x / col_tiles) * kTile, col0 = (blockIdx.x % col_tiles) * kTile;
-    const int c = blockIdx.y, bh = blockIdx.z, b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
-    if (kBackward && c == 0) return;
-    const size_t row0 = (size_t)bh * D.T;
-    const float* ckh = ck + row0;
-    const float frame = kBackward ? ck_last(ckh, c - 1, D.T) : ck_last(ckh, c, D.T);
-    for (int i = threadIdx.x; i < kChunk; i += kThreads) {
-        const int t = t0 + i;
-        s_stab[i] = t < D.T ? stab[row0 + t] : 0.f;
-        s_scale[i] = t < D.T ? expf(kBackward ? frame - ckh[t] : ckh[t] - frame) : 0.f;
-    }
-    __syncthreads();
-    const float* a = logits + row0 * D.m;
-    const Tin* v = head_slice<const Tin>(V, b, h);
-    const float* g = g_rows + row0 * (D.d + 1);
-    TcAcc acc;
-    zero(acc);
-    block_gemm<Tf32Of<Tin>, false, false>(
-        acc, sm, 0, min(kChunk, D.T - t0),
-        [&](int i, int k) {  // α_{t0+k, f0+i}
-            const int f = f0 + i;
-            return f < D.m ? feature(a[(size_t)(t0 + k) * D.m + f], s_stab[k], D) * s_scale[k] : 0.f;
-        },
-        [&](int k, int j) {  // Y_{t0+k, col0+j}
-            const int col = col0 + j, t = t0 + k;
-            if (col > D.d) return 0.f;
-            if (kBackward) return g[(size_t)t * (D.d + 1) + col];
-            return col < D.d ? to_f32(v[(int64_t)t * V.st + col]) : 1.f;
-        });
-    float* out = states + ((size_t)bh * D.nc + c) * D.m * (D.d + 1);
-    for_tile(acc, [&](int i, int j, float val) {
-        const int f = f0 + i, col = col0 + j;
-        if (f < D.m && col <= D.d) out[(size_t)f * (D.d + 1) + col] = val;
-    });
+    features_kernel(Dims D, const float* __restrict__ logits, const float* __restrict__ cq,
+                    const float* __restrict__ ck, E* phi) {
+    const size_t quads = (size_t)D.mld / 4, idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
+    if (idx >= 2 * D.N * quads) return;
+    const size_t n = idx / quads;
+    const int f0 = (int)(idx % quads) * 4;
+    const bool is_k = n >= D.N;
+    const PaddedRow r = padded_row(D, is_k ? n - D.N : n);
+    const bool live = r.t < D.T;
+    const float stab = live ? (is_k ? ck : cq)[(size_t)r.bh * D.T + r.t] : 0.f;
+    const float4 a = *reinterpret_cast<const float4*>(logits + n * D.mld + f0);
+    const float av[4] = {a.x, a.y, a.z, a.w};
+    E* out = phi + n * D.mld + f0;
+#pragma unroll
+    for (int u = 0; u < 4; u++)
+        out[u] = from_f32<E>(live && f0 + u < D.m ? D.phi_scale * (expf(av[u] - stab) + D.epsilon) : 0.f);
 }
 
-// 4. Scans over chunks, per (b, h) and state element, in chunk order (deterministic), in place.
-//   prefix (kSuffix = false): states[c] <- S_c = Σ_{c' < c} U_c' in the frame ck_last(c−1):
-//            S_0 = 0, S_{c+1} = exp(ck_last(c−1) − ck_last(c))·S_c + U_c.
-//   suffix (kSuffix = true):  states[c] <- G_c = Σ_{c' > c} W_c' in the frame ck_last(c):
-//            G_{nc−1} = 0, G_{c−1} = exp(ck_last(c−1) − ck_last(c))·G_c + W_c.
-// Grid (ceil(m·(d+1)/256), B·H). Each thread loads kScanBatch chunks' values at once (independent
+// Value rows (N, dl) in E: V1_t = [v_t | 1 | 0..] and Vρ_t = ρ_t·V1_t; 0 in padding rows. One
+// thread per element.
+template <typename Tin, typename E>
+__global__ void __launch_bounds__(kThreads)
+    value_rows_kernel(Dims D, Strided V, const float* __restrict__ ck, E* v_rho, E* v_one) {
+    const size_t idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
+    if (idx >= D.N * D.dl) return;
+    const size_t p = idx / D.dl;
+    const int col = (int)(idx % D.dl);
+    const PaddedRow r = padded_row(D, p);
+    float x = 0.f, rho = 0.f;
+    if (r.t < D.T) {
+        const float* ckh = ck + (size_t)r.bh * D.T;
+        rho = key_frame(ckh, r.t, D.T);
+        if (col < D.d)
+            x = to_f32(head_slice<const Tin>(V, r.bh / D.H, r.bh % D.H)[(int64_t)r.t * V.st + col]);
+        else if (col == D.d)
+            x = 1.f;
+    }
+    v_one[idx] = from_f32<E>(x);
+    v_rho[idx] = from_f32<E>(rho * x);
+}
+
+// Scans over chunks, per (b, h) and state element, in chunk order (deterministic), from the local
+// states (fp32) into out (E):
+//   prefix (kSuffix = false): out[c] = S_c, frame ck_last(c−1): S_0 = 0, S_{c+1} = exp(ck_last(c−1) − ck_last(c))·S_c + U_c
+//   suffix (kSuffix = true):  out[c] = G_c, frame ck_last(c): G_{nc−1} = 0, G_{c−1} = exp(ck_last(c−1) − ck_last(c))·G_c + L_c
+// Grid (ceil(m·dl/256), B·H). Each thread loads kScanBatch chunks' values at once (independent
 // loads in flight) before the dependent updates: the plain loop waited one memory latency per chunk
-// (1.4 ms per scan at B·H = 4, T = 32k, 17% of the Performer's time).
+// (1.4 ms per scan at B·H = 4, T = 32k, 17% of the Performer's time then).
 constexpr int kScanBatch = 8;
-template <bool kSuffix>
-__global__ void __launch_bounds__(kThreads) scan_states_kernel(Dims D, const float* __restrict__ ck, float* states) {
-    const size_t per_chunk = (size_t)D.m * (D.d + 1);
+template <bool kSuffix, typename E>
+__global__ void __launch_bounds__(kThreads)
+    scan_states_kernel(Dims D, const float* __restrict__ ck, const float* __restrict__ local, E* out) {
+    const size_t per_chunk = (size_t)D.m * D.dl;
     const size_t e = (size_t)blockIdx.x * kThreads + threadIdx.x;
     const int bh = blockIdx.y;
     if (e >= per_chunk) return;
     const float* ckh = ck + (size_t)bh * D.T;
-    float* st = states + (size_t)bh * D.nc * per_chunk + e;
+    const size_t base = (size_t)bh * D.nc * per_chunk + e;
     float run = 0.f;
     for (int i0 = 0; i0 < D.nc; i0 += kScanBatch) {
         float u[kScanBatch];
 #pragma unroll
         for (int k = 0; k < kScanBatch; k++) {
             const int c = kSuffix ? D.nc - 1 - (i0 + k) : i0 + k;
-            u[k] = i0 + k < D.nc ? st[c * per_chunk] : 0.f;
+            u[k] = i0 + k < D.nc ? local[base + c * per_chunk] : 0.f;
         }
 #pragma unroll
         for (int k = 0; k < kScanBatch; k++) {
             if (i0 + k >= D.nc) break;
             const int c = kSuffix ? D.nc - 1 - (i0 + k) : i0 + k;
-            st[c * per_chunk] = run;
+            out[base + c * per_chunk] = from_f32<E>(run);
             if (c > 0)
                 run = run * expf(ck_last(ckh, c - 1, D.T) - ck_last(ckh, c, D.T)) + u[k];
             else if (!kSuffix)
@@ -325,285 +359,142 @@ __global__ void __launch_bounds__(kThreads) scan_states_kernel(Dims D, const flo
     }
 }
 
-// 5. Chunk scores (64 × 64 per chunk, 0 above the diagonal and outside [0, T)):
-//   W_ij = (φq_i·φk_j)·exp(ck_j − ck_i);  with kWithM also M_ij = ([v_j|1]·g_i)·exp(ck_j − ck_i).
-// Grid (nc, B·H).
-template <typename Tin, bool kWithM>
-__global__ void __launch_bounds__(kThreads, 2)
-    scores_kernel(Dims D, const float* __restrict__ aq, const float* __restrict__ ak,
-                  const float* __restrict__ cq, const float* __restrict__ ck, Strided V,
-                  const float* __restrict__ g_rows, float* score_w, float* score_m) {
-    __shared__ GemmSmem sm;
-    __shared__ float s_cq[kChunk], s_ck[kChunk];
-    const int c = blockIdx.x, bh = blockIdx.y, b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
-    const size_t row0 = (size_t)bh * D.T;
-    for (int i = threadIdx.x; i < kChunk; i += kThreads) {
-        s_cq[i] = t0 + i < D.T ? cq[row0 + t0 + i] : 0.f;
-        s_ck[i] = t0 + i < D.T ? ck[row0 + t0 + i] : 0.f;
-    }
-    __syncthreads();
-    const float* q_logits = aq + row0 * D.m;
-    const float* k_logits = ak + row0 * D.m;
-    const size_t tile = ((size_t)bh * D.nc + c) * kChunk * kChunk;
-    auto store = [&](float* dst, const TcAcc& acc) {
-        for_tile(acc, [&](int i, int j, float val) {
-            const bool live = j <= i && t0 + i < D.T;
-            dst[tile + i * kChunk + j] = live ? val * expf(s_ck[j] - s_ck[i]) : 0.f;
-        });
-    };
-    TcAcc acc;
-    zero(acc);
-    block_gemm<Tf32Of<Tin>, true, true>(
-        acc, sm, 0, D.m,
-        [&](int i, int k) {
-            return t0 + i < D.T ? feature(q_logits[(size_t)(t0 + i) * D.m + k], s_cq[i], D) : 0.f;
-        },
-        [&](int k, int j) {
-            return t0 + j < D.T ? feature(k_logits[(size_t)(t0 + j) * D.m + k], s_ck[j], D) : 0.f;
-        });
-    store(score_w, acc);
-    if (kWithM) {
-        const Tin* v = head_slice<const Tin>(V, b, h);
-        const float* g = g_rows + row0 * (D.d + 1);
-        zero(acc);
-        block_gemm<std::is_same<Tin, float>::value ? Tf32::Split : Tf32::SplitA, true, true>(
-            acc, sm, 0, D.d + 1,
-            [&](int i, int k) { return t0 + i < D.T ? g[(size_t)(t0 + i) * (D.d + 1) + k] : 0.f; },
-            [&](int k, int j) {
-                if (t0 + j >= D.T) return 0.f;
-                return k < D.d ? to_f32(v[(int64_t)(t0 + j) * V.st + k]) : 1.f;
-            });
-        store(score_m, acc);
-    }
-}
-
-// 6. Unnormalised output of chunk c, columns col0.. of d+1:
-//   out_i = exp(ck_last(c−1) − ck_i)·Σ_f φq_i,f·S_c[f] + Σ_j W_ij·[v_j|1]   -> rows buffer.
-// One GEMM with K = m (the state part, absent for chunk 0) + 64 (the chunk part).
-// Grid (ceil((d+1)/64), nc, B·H).
-template <typename Tin>
+// Chunk scores (64 × 64 per chunk, 0 above the diagonal and at padding positions) from the raw
+// products in `score`, with e_ij = exp(ck_j − ck_i):
+//   kW       W_ij  = raw_ij·e_ij                      (raw = Φq·Φkᵀ)
+//   kWOverR  W'_ij = raw_ij·e_ij / R_i                (0 for guarded rows)
+//   kM       M_ij  = (raw_ij − D_i)·e_ij / R_i        (raw = dO·V1ᵀ over the d value columns)
+// One thread per element.
+enum class Score { kW, kWOverR, kM };
+template <Score kMode, typename E>
 __global__ void __launch_bounds__(kThreads)
-    output_kernel(Dims D, const float* __restrict__ aq, const float* __restrict__ cq,
-                  const float* __restrict__ ck, Strided V, const float* __restrict__ state_s,
-                  const float* __restrict__ score_w, float* out_rows) {
-    __shared__ GemmSmem sm;
-    __shared__ float s_cq[kChunk], s_r[kChunk];
-    const int col0 = blockIdx.x * kTile, c = blockIdx.y, bh = blockIdx.z;
-    const int b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
-    const size_t row0 = (size_t)bh * D.T;
-    const float frame = c > 0 ? ck_last(ck + row0, c - 1, D.T) : 0.f;
-    for (int i = threadIdx.x; i < kChunk; i += kThreads) {
-        const int t = t0 + i;
-        s_cq[i] = t < D.T ? cq[row0 + t] : 0.f;
-        s_r[i] = t < D.T && c > 0 ? expf(frame - ck[row0 + t]) : 0.f;
+    chunk_scores_kernel(Dims D, const float* __restrict__ raw, const float* __restrict__ ck,
+                        const float* __restrict__ saved_r, const float* __restrict__ dots, E* out) {
+    const size_t idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
+    if (idx >= (size_t)D.B * D.H * D.nc * kChunk * kChunk) return;
+    const size_t z = idx / (kChunk * kChunk);
+    const int i = (int)(idx / kChunk % kChunk), j = (int)(idx % kChunk);
+    const int bh = (int)(z / D.nc), c = (int)(z % D.nc), ti = c * kChunk + i, tj = c * kChunk + j;
+    float val = 0.f;
+    if (j <= i && ti < D.T) {
+        const float* ckh = ck + (size_t)bh * D.T;
+        const float frame = expf(ckh[tj] - ckh[ti]);
+        if (kMode == Score::kW) {
+            val = raw[idx] * frame;
+        } else {
+            const float R = saved_r[(size_t)bh * D.T + ti];
+            const float inv_r = R > 0.f ? 1.f / R : 0.f;
+            const float x = kMode == Score::kM ? raw[idx] - dots[(size_t)bh * D.Tp + ti] : raw[idx];
+            val = x * frame * inv_r;
+        }
     }
-    __syncthreads();
-    const float* q_logits = aq + row0 * D.m;
-    const float* S = state_s + ((size_t)bh * D.nc + c) * D.m * (D.d + 1);
-    const float* W = score_w + ((size_t)bh * D.nc + c) * kChunk * kChunk;
-    const Tin* v = head_slice<const Tin>(V, b, h);
-    TcAcc acc;
-    zero(acc);
-    block_gemm<Tf32Of<Tin>, true, false>(
-        acc, sm, c > 0 ? 0 : D.m, D.m + kChunk,
-        [&](int i, int k) {
-            if (t0 + i >= D.T) return 0.f;
-            if (k < D.m) return s_r[i] * feature(q_logits[(size_t)(t0 + i) * D.m + k], s_cq[i], D);
-            return W[i * kChunk + (k - D.m)];
-        },
-        [&](int k, int j) {
-            const int col = col0 + j;
-            if (col > D.d) return 0.f;
-            if (k < D.m) return S[(size_t)k * (D.d + 1) + col];
-            const int t = t0 + k - D.m;
-            if (t >= D.T) return 0.f;
-            return col < D.d ? to_f32(v[(int64_t)t * V.st + col]) : 1.f;
-        });
-    float* out = out_rows + row0 * (D.d + 1);
-    for_tile(acc, [&](int i, int j, float val) {
-        const int t = t0 + i, col = col0 + j;
-        if (t < D.T && col <= D.d) out[(size_t)t * (D.d + 1) + col] = val;
-    });
+    out[idx] = from_f32<E>(val);
 }
 
 constexpr float kMinDenominator = 1e-30f;  // as the CPU: R ≤ this gives o = 0, no gradient
 
-// 7. o_i = out_i[:d] / R_i (0 where R_i ≤ 1e-30), saved R (0 where guarded). One warp per row.
+// out_t = r_t·out_s_t + out_l_t;  o_t = out_t[:d] / R_t (0 where R_t ≤ 1e-30), saved R (0 where
+// guarded). One warp per (unpadded) row.
 template <typename Tout>
 __global__ void __launch_bounds__(kThreads)
-    normalise_kernel(Dims D, const float* __restrict__ out_rows, Strided O, float* saved_r) {
+    normalise_kernel(Dims D, const float* __restrict__ out_s, const float* __restrict__ out_l,
+                     const float* __restrict__ ck, Strided O, float* saved_r) {
     const size_t row = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= (size_t)D.B * D.H * D.T) return;
     const int t = (int)(row % D.T), bh = (int)(row / D.T), b = bh / D.H, h = bh % D.H;
-    const float* r = out_rows + row * (D.d + 1);
-    const float R = r[D.d];
+    const size_t p = (size_t)bh * D.Tp + t;
+    const float r = query_frame(ck + (size_t)bh * D.T, t, D.T);
+    const float* os = out_s + p * D.dl;
+    const float* ol = out_l + p * D.dl;
+    const float R = r * os[D.d] + ol[D.d];
     const bool ok = R > kMinDenominator;
     Tout* o = head_slice<Tout>(O, b, h) + (int64_t)t * O.st;
-    for (int col = lane; col < D.d; col += 32) o[col] = from_f32<Tout>(ok ? r[col] / R : 0.f);
+    for (int col = lane; col < D.d; col += 32) o[col] = from_f32<Tout>(ok ? (r * os[col] + ol[col]) / R : 0.f);
     if (lane == 0) saved_r[row] = ok ? R : 0.f;
 }
 
-// ================================================================ backward kernels
-// g_i = [dO_i/R_i, −(dO_i·o_i)/R_i] (0 for guarded rows) -> rows buffer. One warp per row.
-template <typename Tin>
+// ================================================================ backward row kernels
+// Per padded row: D_t = dO_t·o_t (fp32) -> dots; dO (E, columns ≥ d zero); rg_t = r_t·[dO_t | −D_t]/R_t
+// (0 for guarded and padding rows). One warp per row.
+template <typename Tin, typename E>
 __global__ void __launch_bounds__(kThreads)
-    grad_rows_kernel(Dims D, Strided dO, Strided O, const float* __restrict__ saved_r, float* g_rows) {
-    const size_t row = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+    grad_rows_kernel(Dims D, Strided dO, Strided O, const float* __restrict__ saved_r, const float* __restrict__ ck,
+                     float* dots, E* dout_e, E* rg) {
+    const size_t p = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    if (row >= (size_t)D.B * D.H * D.T) return;
-    const int t = (int)(row % D.T), bh = (int)(row / D.T), b = bh / D.H, h = bh % D.H;
-    const float R = saved_r[row];
-    const bool ok = R > 0.f;
-    const Tin* dout = head_slice<const Tin>(dO, b, h) + (int64_t)t * dO.st;
-    const Tin* o = head_slice<const Tin>(O, b, h) + (int64_t)t * O.st;
-    float* g = g_rows + row * (D.d + 1);
+    if (p >= D.N) return;
+    const PaddedRow r = padded_row(D, p);
+    E* de = dout_e + p * D.dl;
+    E* ge = rg + p * D.dl;
+    if (r.t >= D.T) {
+        for (int col = lane; col < D.dl; col += 32) de[col] = ge[col] = from_f32<E>(0.f);
+        if (lane == 0) dots[p] = 0.f;
+        return;
+    }
+    const int b = r.bh / D.H, h = r.bh % D.H;
+    const float R = saved_r[(size_t)r.bh * D.T + r.t];
+    const float scale = R > 0.f ? query_frame(ck + (size_t)r.bh * D.T, r.t, D.T) / R : 0.f;
+    const Tin* dout = head_slice<const Tin>(dO, b, h) + (int64_t)r.t * dO.st;
+    const Tin* o = head_slice<const Tin>(O, b, h) + (int64_t)r.t * O.st;
     float dot = 0.f;
     for (int col = lane; col < D.d; col += 32) {
         const float x = to_f32(dout[col]);
         dot += x * to_f32(o[col]);
-        g[col] = ok ? x / R : 0.f;
+        de[col] = from_f32<E>(x);
+        ge[col] = from_f32<E>(scale * x);
     }
     dot = warp_sum(dot);
-    if (lane == 0) g[D.d] = ok ? -dot / R : 0.f;
-}
-
-// dφ of chunk c, features f0.., for q and k, turned into da = dφ·m^(-1/2)·e:
-//   dφq_i = r_i·S_c·g_i + Σ_j M_ij·φk_j          (K = d+1, absent for chunk 0, then 64)
-//   dφk_j = Σ_i M_ij·φq_i + ρ_j·G_c·[v_j|1]       (K = 64, then d+1, absent for the last chunk)
-// Grid (ceil(m/64), nc, B·H).
-template <typename Tin>
-__global__ void __launch_bounds__(kThreads, 2)
-    dphi_kernel(Dims D, const float* __restrict__ aq, const float* __restrict__ ak,
-                const float* __restrict__ cq, const float* __restrict__ ck, Strided V,
-                const float* __restrict__ g_rows, const float* __restrict__ state_s,
-                const float* __restrict__ state_g, const float* __restrict__ score_m, float* daq,
-                float* dak) {
-    __shared__ GemmSmem sm;
-    __shared__ float s_cq[kChunk], s_ck[kChunk], s_r[kChunk], s_rho[kChunk];
-    const int f0 = blockIdx.x * kTile, c = blockIdx.y, bh = blockIdx.z;
-    const int b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
-    const size_t row0 = (size_t)bh * D.T;
-    const float* ckh = ck + row0;
-    const float frame_prev = c > 0 ? ck_last(ckh, c - 1, D.T) : 0.f, frame = ck_last(ckh, c, D.T);
-    for (int i = threadIdx.x; i < kChunk; i += kThreads) {
-        const int t = t0 + i;
-        const bool live = t < D.T;
-        s_cq[i] = live ? cq[row0 + t] : 0.f;
-        s_ck[i] = live ? ckh[t] : 0.f;
-        s_r[i] = live && c > 0 ? expf(frame_prev - ckh[t]) : 0.f;
-        s_rho[i] = live ? expf(ckh[t] - frame) : 0.f;
+    for (int col = D.d + lane; col < D.dl; col += 32) {
+        de[col] = from_f32<E>(0.f);
+        ge[col] = from_f32<E>(col == D.d ? -scale * dot : 0.f);
     }
-    __syncthreads();
-    const int dc = D.d + 1;
-    const float* q_logits = aq + row0 * D.m;
-    const float* k_logits = ak + row0 * D.m;
-    const float* g = g_rows + row0 * dc;
-    const float* S = state_s + ((size_t)bh * D.nc + c) * D.m * dc;
-    const float* G = state_g + ((size_t)bh * D.nc + c) * D.m * dc;
-    const float* M = score_m + ((size_t)bh * D.nc + c) * kChunk * kChunk;
-    const Tin* v = head_slice<const Tin>(V, b, h);
-    TcAcc acc;
-
-    // dφq: K = [0, d+1) state part, [d+1, d+1+64) chunk part
-    zero(acc);
-    block_gemm<Tf32Of<Tin>, true, false>(
-        acc, sm, c > 0 ? 0 : dc, dc + kChunk,
-        [&](int i, int k) {
-            if (t0 + i >= D.T) return 0.f;
-            return k < dc ? s_r[i] * g[(size_t)(t0 + i) * dc + k] : M[i * kChunk + (k - dc)];
-        },
-        [&](int k, int j) {
-            const int f = f0 + j;
-            if (f >= D.m) return 0.f;
-            if (k < dc) return S[(size_t)f * dc + k];
-            const int jj = k - dc;
-            return t0 + jj < D.T ? feature(k_logits[(size_t)(t0 + jj) * D.m + f], s_ck[jj], D) : 0.f;
-        });
-    for_tile(acc, [&](int i, int j, float val) {
-        const int t = t0 + i, f = f0 + j;
-        if (t < D.T && f < D.m) {
-            const size_t at = (size_t)t * D.m + f;
-            daq[row0 * D.m + at] = val * D.phi_scale * expf(q_logits[at] - s_cq[i]);
-        }
-    });
-
-    // dφk: K = [0, 64) chunk part (Mᵀ·Φq), [64, 64+d+1) state part (absent for the last chunk)
-    zero(acc);
-    block_gemm<Tf32Of<Tin>, false, false>(
-        acc, sm, 0, c + 1 < D.nc ? kChunk + dc : kChunk,
-        [&](int j, int k) {
-            if (t0 + j >= D.T) return 0.f;
-            if (k < kChunk) return M[k * kChunk + j];
-            const int col = k - kChunk;
-            return s_rho[j] * (col < D.d ? to_f32(v[(int64_t)(t0 + j) * V.st + col]) : 1.f);
-        },
-        [&](int k, int jf) {
-            const int f = f0 + jf;
-            if (f >= D.m) return 0.f;
-            if (k < kChunk)
-                return t0 + k < D.T ? feature(q_logits[(size_t)(t0 + k) * D.m + f], s_cq[k], D) : 0.f;
-            return G[(size_t)f * dc + (k - kChunk)];
-        });
-    for_tile(acc, [&](int i, int j, float val) {
-        const int t = t0 + i, f = f0 + j;
-        if (t < D.T && f < D.m) {
-            const size_t at = (size_t)t * D.m + f;
-            dak[row0 * D.m + at] = val * D.phi_scale * expf(k_logits[at] - s_ck[i]);
-        }
-    });
+    if (lane == 0) dots[p] = dot;
 }
 
-// dv_j = Σ_i W_ij·g_i[:d] + ρ_j·Σ_f φk_j,f·G_c[f][:d]   (K = 64, then m, absent for the last chunk)
-// Grid (ceil(d/64), nc, B·H).
+// dv_t = ρ_t·out_s_t[:d] + out_l_t[:d] (out_s = Φk·G_c, out_l = W'ᵀ·dO). One thread per element.
 template <typename Tin>
-__global__ void __launch_bounds__(kThreads, 2)
-    dv_kernel(Dims D, const float* __restrict__ ak, const float* __restrict__ ck,
-              const float* __restrict__ g_rows, const float* __restrict__ state_g,
-              const float* __restrict__ score_w, Strided dV) {
-    __shared__ GemmSmem sm;
-    __shared__ float s_ck[kChunk], s_rho[kChunk];
-    const int col0 = blockIdx.x * kTile, c = blockIdx.y, bh = blockIdx.z;
-    const int b = bh / D.H, h = bh % D.H, t0 = c * kChunk;
-    const size_t row0 = (size_t)bh * D.T;
-    const float* ckh = ck + row0;
-    const float frame = ck_last(ckh, c, D.T);
-    for (int i = threadIdx.x; i < kChunk; i += kThreads) {
-        const int t = t0 + i;
-        s_ck[i] = t < D.T ? ckh[t] : 0.f;
-        s_rho[i] = t < D.T ? expf(ckh[t] - frame) : 0.f;
-    }
-    __syncthreads();
-    const int dc = D.d + 1;
-    const float* k_logits = ak + row0 * D.m;
-    const float* g = g_rows + row0 * dc;
-    const float* G = state_g + ((size_t)bh * D.nc + c) * D.m * dc;
-    const float* W = score_w + ((size_t)bh * D.nc + c) * kChunk * kChunk;
-    TcAcc acc;
-    zero(acc);
-    block_gemm<Tf32Of<Tin>, false, false>(
-        acc, sm, 0, c + 1 < D.nc ? kChunk + D.m : kChunk,
-        [&](int j, int k) {
-            if (t0 + j >= D.T) return 0.f;
-            if (k < kChunk) return W[k * kChunk + j];
-            return s_rho[j] * feature(k_logits[(size_t)(t0 + j) * D.m + (k - kChunk)], s_ck[j], D);
-        },
-        [&](int k, int jc) {
-            const int col = col0 + jc;
-            if (col >= D.d) return 0.f;
-            if (k < kChunk) return t0 + k < D.T ? g[(size_t)(t0 + k) * dc + col] : 0.f;
-            return G[(size_t)(k - kChunk) * dc + col];
-        });
-    Tin* dv = head_slice<Tin>(dV, b, h);
-    for_tile(acc, [&](int i, int j, float val) {
-        const int t = t0 + i, col = col0 + j;
-        if (t < D.T && col < D.d) dv[(int64_t)t * dV.st + col] = from_f32<Tin>(val);
-    });
+__global__ void __launch_bounds__(kThreads)
+    dv_kernel(Dims D, const float* __restrict__ out_s, const float* __restrict__ out_l, const float* __restrict__ ck,
+              Strided dV) {
+    const size_t idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
+    if (idx >= (size_t)D.B * D.H * D.T * D.d) return;
+    const size_t row = idx / D.d;
+    const int col = (int)(idx % D.d), t = (int)(row % D.T), bh = (int)(row / D.T);
+    const size_t p = ((size_t)bh * D.Tp + t) * D.dl + col;
+    const float rho = key_frame(ck + (size_t)bh * D.T, t, D.T);
+    head_slice<Tin>(dV, bh / D.H, bh % D.H)[(int64_t)t * dV.st + col] = from_f32<Tin>(rho * out_s[p] + out_l[p]);
 }
 
-// Through the feature map, for q and k: dx_i = d^(-1/4)·(Σ_f da_i,f·Ω[f] − x̃_i·Σ_f da_i,f), from
-// gaug = [Ωᵀ·da | Σ_f da] (one fp32 cuBLAS GEMM over every row of q and k: da · Ω1, host side) and
-// x̃ in xaug. One thread per element of dq and dk. Replaced a 3xTF32 block_gemm kernel (K = m).
+// da = dφ·m^(-1/2)·exp(a − c) in place over dphi (2N, mld; q rows then k rows), from the fp32
+// logits; 0 in padding rows and columns. Four features per thread.
+__global__ void __launch_bounds__(kThreads)
+    feature_map_grad_kernel(Dims D, const float* __restrict__ logits, const float* __restrict__ cq,
+                            const float* __restrict__ ck, float* dphi) {
+    const size_t quads = (size_t)D.mld / 4, idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
+    if (idx >= 2 * D.N * quads) return;
+    const size_t n = idx / quads;
+    const int f0 = (int)(idx % quads) * 4;
+    const bool is_k = n >= D.N;
+    const PaddedRow r = padded_row(D, is_k ? n - D.N : n);
+    const bool live = r.t < D.T;
+    const float stab = live ? (is_k ? ck : cq)[(size_t)r.bh * D.T + r.t] : 0.f;
+    const float4 a = *reinterpret_cast<const float4*>(logits + n * D.mld + f0);
+    float4* g = reinterpret_cast<float4*>(dphi + n * D.mld + f0);
+    float4 x = *g;
+    auto one = [&](float dp, float av, int u) {
+        return live && f0 + u < D.m ? dp * D.phi_scale * expf(av - stab) : 0.f;
+    };
+    x.x = one(x.x, a.x, 0);
+    x.y = one(x.y, a.y, 1);
+    x.z = one(x.z, a.z, 2);
+    x.w = one(x.w, a.w, 3);
+    *g = x;
+}
+
+// Through the feature map, for q and k: dx_t = d^(-1/4)·(Σ_f da_t,f·Ω[f] − x̃_t·Σ_f da_t,f), from
+// gaug = [Ωᵀ·da | Σ_f da] (one GEMM over every padded row of q and k: da · Ω1, host side) and
+// x̃ in xaug. One thread per element of dq and dk.
 template <typename Tin>
 __global__ void __launch_bounds__(kThreads)
     feature_grad_kernel(Dims D, const float* __restrict__ gaug, const float* __restrict__ xaug, int xld, Strided dQ,
@@ -614,100 +505,212 @@ __global__ void __launch_bounds__(kThreads)
     const size_t n = idx / D.d;
     const int col = (int)(idx % D.d);
     const bool is_k = n >= rows;
-    const size_t r = is_k ? n - rows : n;
-    const int t = (int)(r % D.T), bh = (int)(r / D.T), b = bh / D.H, h = bh % D.H;
+    const size_t row = is_k ? n - rows : n;
+    const int t = (int)(row % D.T), bh = (int)(row / D.T), b = bh / D.H, h = bh % D.H;
+    const size_t p = (is_k ? D.N : 0) + (size_t)bh * D.Tp + t;
     const Strided dX = is_k ? dK : dQ;
-    const float* g = gaug + n * xld;
-    const float xt = xaug[n * xld + col];
+    const float* g = gaug + p * xld;
+    const float xt = xaug[p * xld + col];
     head_slice<Tin>(dX, b, h)[(int64_t)t * dX.st + col] = from_f32<Tin>(D.in_scale * (g[col] - xt * g[D.d]));
 }
 
-// ================================================================ launchers
-// Row-major C (M × N) = A (M × K) · op(B), fp32 (cuBLAS SGEMM, pedantic math: no TF32); B is
-// (N × K) when trans_b, else (K × N).
-void sgemm_rm(cublasHandle_t blas, bool trans_b, int M, int N, int K, const float* A, int lda, const float* B,
-              int ldb, float* C, int ldc) {
+// ================================================================ GEMMs (host side)
+// cuBLAS types of the storage type E: bf16 operands with fp32 accumulation (tensor cores), or
+// fp32 without TF32.
+template <typename E>
+struct GemmTypes {
+    static constexpr cudaDataType_t data = CUDA_R_32F;
+    static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F_PEDANTIC;
+};
+template <>
+struct GemmTypes<bf16> {
+    static constexpr cudaDataType_t data = CUDA_R_16BF;
+    static constexpr cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+};
+
+// One operand of a chunk GEMM: a row-major matrix per chunk z at ptr + z·stride with row stride
+// ld, used as stored (trans = false) or transposed.
+template <typename E>
+struct Operand {
+    const E* ptr;
+    int ld;
+    int64_t stride;
+    bool trans;
+};
+
+// For every chunk z < count: row-major C_z (M × N, fp32) = op(A_z)·op(B_z) + beta·C_z, as
+// strided-batched cuBLAS GEMMs of at most 65535 chunks each. (Row-major C = op(A)·op(B) is
+// column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: the operands swap.)
+template <typename E>
+void chunk_gemm(cublasHandle_t blas, int64_t count, int M, int N, int K, Operand<E> A, Operand<E> B, float beta,
+                float* C, int ldc, int64_t stride_c) {
+    constexpr int64_t kMaxBatch = 65535;
+    const float one = 1.f;
+    for (int64_t z0 = 0; z0 < count; z0 += kMaxBatch) {
+        const int batch = (int)std::min(kMaxBatch, count - z0);
+        CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+            blas, B.trans ? CUBLAS_OP_T : CUBLAS_OP_N, A.trans ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &one,
+            B.ptr + z0 * B.stride, GemmTypes<E>::data, B.ld, B.stride, A.ptr + z0 * A.stride, GemmTypes<E>::data,
+            A.ld, A.stride, &beta, C + z0 * stride_c, CUDA_R_32F, ldc, stride_c, batch, GemmTypes<E>::compute,
+            CUBLAS_GEMM_DEFAULT));
+    }
+}
+
+// Row-major C (M × N) = A (M × K) · op(B), fp32 data; B is (N × K) when trans_b, else (K × N).
+void gemm_f32(cublasHandle_t blas, cublasComputeType_t compute, bool trans_b, int64_t M, int N, int K, const float* A,
+              int lda, const float* B, int ldb, float* C, int ldc) {
     const float one = 1.f, zero = 0.f;
-    CUBLAS_CHECK(cublasSgemm(blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, B, ldb, A, lda,
-                             &zero, C, ldc));
+    CHECK(M <= INT32_MAX, "performer attention (CUDA): %lld rows are too many for one GEMM", (long long)M);
+    CUBLAS_CHECK(cublasGemmEx(blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, N, (int)M, K, &one, B,
+                              CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &zero, C, CUDA_R_32F, ldc, compute,
+                              CUBLAS_GEMM_DEFAULT));
 }
 
-// 1. the logits of q and k (aq, ak) and their per-tile maxima (qmax, kmax), see above
-template <typename Tin>
-void logits(cublasHandle_t blas, const Dims& D, const Work& w, const float* omega1, Strided q, Strided k) {
-    const size_t rows2 = 2 * (size_t)D.B * D.H * D.T;
+// ================================================================ launchers
+int blocks_for(size_t n) { return ceil_div((long long)n, kThreads); }
+int warp_blocks_for(size_t rows) { return ceil_div((long long)rows, kThreads / 32); }
+
+// The logits of q and k: [aq; ak] = xaug · Ω1ᵀ (K = xld: x̃ against ω, −‖x̃‖²/2 against the ones
+// column of Ω1), fp32 without TF32 (an error in a logit is an error in the exponent).
+template <typename Tin, typename E>
+void logits(cublasHandle_t blas, const Dims& D, const Work<E>& w, const float* omega1, Strided q, Strided k) {
     const int xld = aug_ld(D.d);
-    augment_rows_kernel<Tin><<<ceil_div(rows2, kThreads / 32), kThreads>>>(D, q, k, w.xaug, xld);
+    augment_rows_kernel<Tin><<<warp_blocks_for(2 * D.N), kThreads>>>(D, q, k, w.xaug, xld);
     CUDA_LAUNCH_CHECK();
-    sgemm_rm(blas, true, (int)rows2, D.m, xld, w.xaug, xld, omega1, xld, w.aq, D.m);  // [aq; ak] = xaug · Ω1ᵀ
-    tile_max_kernel<<<ceil_div(rows2, kThreads / 32), kThreads>>>(D, w.aq, w.qmax);
+    gemm_f32(blas, CUBLAS_COMPUTE_32F_PEDANTIC, true, 2 * (int64_t)D.N, D.m, xld, w.xaug, xld, omega1, xld, w.logits,
+             D.mld);
+}
+
+// The materialised GEMM operands: features Φq, Φk and the value rows Vρ, V1.
+template <typename Tin, typename E>
+void operands(const Dims& D, const Work<E>& w, Strided v, const float* cq, const float* ck) {
+    features_kernel<E><<<blocks_for(2 * D.N * D.mld / 4), kThreads>>>(D, w.logits, cq, ck, w.phi);
+    CUDA_LAUNCH_CHECK();
+    value_rows_kernel<Tin, E><<<blocks_for(D.N * D.dl), kThreads>>>(D, v, ck, w.v_rho, w.v_one);
+    CUDA_LAUNCH_CHECK();
+}
+
+// Operand views of the workspace, per chunk.
+template <typename E>
+struct Views {
+    Operand<E> phi_q, phi_k, v_rho, v_one, s, g, w, mm, dout, rg;
+    int64_t chunks;
+};
+template <typename E>
+Views<E> views(const Dims& D, const Work<E>& w) {
+    const int64_t rows_m = (int64_t)kChunk * D.mld, rows_d = (int64_t)kChunk * D.dl;
+    const int64_t state = (int64_t)D.m * D.dl, score = kChunk * kChunk;
+    Views<E> x;
+    x.phi_q = Operand<E>{w.phi, D.mld, rows_m, false};
+    x.phi_k = Operand<E>{w.phi + D.N * D.mld, D.mld, rows_m, false};
+    x.v_rho = Operand<E>{w.v_rho, D.dl, rows_d, false};
+    x.v_one = Operand<E>{w.v_one, D.dl, rows_d, false};
+    x.s = Operand<E>{w.s, D.dl, state, false};
+    x.g = Operand<E>{w.g, D.dl, state, false};
+    x.w = Operand<E>{w.w, kChunk, score, false};
+    x.mm = Operand<E>{w.mm, kChunk, score, false};
+    x.dout = Operand<E>{w.dout, D.dl, rows_d, false};
+    x.rg = Operand<E>{w.rg, D.dl, rows_d, false};
+    x.chunks = (int64_t)D.B * D.H * D.nc;
+    return x;
+}
+template <typename E>
+Operand<E> T_(Operand<E> x) {  // the same matrices, transposed
+    x.trans = !x.trans;
+    return x;
+}
+
+// Local chunk states L_c = Xᵀ·Y (m × dl) into w.state, then the prefix (S) or suffix (G) scan into out.
+template <typename E>
+void chunk_states(cublasHandle_t blas, const Dims& D, const Work<E>& w, const Views<E>& x, Operand<E> X, Operand<E> Y,
+                  const float* ck, bool suffix, E* out) {
+    chunk_gemm<E>(blas, x.chunks, D.m, D.dl, kChunk, T_(X), Y, 0.f, w.state, D.dl, (int64_t)D.m * D.dl);
+    const dim3 grid(ceil_div((long long)D.m * D.dl, kThreads), D.B * D.H);
+    if (suffix)
+        scan_states_kernel<true, E><<<grid, kThreads>>>(D, ck, w.state, out);
+    else
+        scan_states_kernel<false, E><<<grid, kThreads>>>(D, ck, w.state, out);
     CUDA_LAUNCH_CHECK();
 }
 
 template <typename Tin>
-void launch_forward(cublasHandle_t blas, const Dims& D, const Work& w, const float* omega1, Strided o, Strided q,
+void launch_forward(cublasHandle_t blas, const Dims& D, float* workspace, const float* omega1, Strided o, Strided q,
                     Strided k, Strided v, float* saved) {
-    const int bh = D.B * D.H;
-    const size_t rows = (size_t)bh * D.T;
+    using E = Tin;
+    const Work<E> w = WorkLayout(D).carve<E>(workspace);
+    const Views<E> x = views(D, w);
+    const size_t rows = (size_t)D.B * D.H * D.T;
     float* saved_r = saved;
     float* cq = saved + rows;
     float* ck = saved + 2 * rows;
-    const int f_tiles = ceil_div(D.m, kTile), c_tiles = ceil_div(D.d + 1, kTile);
-    logits<Tin>(blas, D, w, omega1, q, k);
-    stabiliser_kernel<<<bh, 1024>>>(D, f_tiles, w.qmax, w.kmax, cq, ck);
+    logits<Tin, E>(blas, D, w, omega1, q, k);
+    tile_max_kernel<<<warp_blocks_for(2 * D.N), kThreads>>>(D, w.logits, w.tile_max);
     CUDA_LAUNCH_CHECK();
-    chunk_state_kernel<Tin, false><<<dim3(f_tiles * c_tiles, D.nc, bh), kThreads>>>(
-        D, w.ak, ck, ck, v, nullptr, w.state_s);
+    const size_t f_tiles = (D.m + kTile - 1) / kTile;
+    stabiliser_kernel<<<D.B * D.H, 1024>>>(D, w.tile_max, w.tile_max + D.N * f_tiles, cq, ck);
     CUDA_LAUNCH_CHECK();
-    scan_states_kernel<false><<<dim3(ceil_div((size_t)D.m * (D.d + 1), kThreads), bh), kThreads>>>(D, ck, w.state_s);
+    operands<Tin, E>(D, w, v, cq, ck);
+    // S_c: prefix over chunks of Φk_cᵀ·Vρ_c
+    chunk_states<E>(blas, D, w, x, x.phi_k, x.v_rho, ck, false, w.s);
+    // W_c = tril(Φq_c·Φk_cᵀ ∘ exp(ck_j − ck_i))
+    chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.mld, x.phi_q, T_(x.phi_k), 0.f, w.score, kChunk, kChunk * kChunk);
+    chunk_scores_kernel<Score::kW, E><<<blocks_for(x.chunks * kChunk * kChunk), kThreads>>>(D, w.score, ck, nullptr,
+                                                                                            nullptr, w.w);
     CUDA_LAUNCH_CHECK();
-    scores_kernel<Tin, false><<<dim3(D.nc, bh), kThreads>>>(D, w.aq, w.ak, cq, ck, v, nullptr, w.score_w, nullptr);
-    CUDA_LAUNCH_CHECK();
-    output_kernel<Tin><<<dim3(c_tiles, D.nc, bh), kThreads>>>(D, w.aq, cq, ck, v, w.state_s, w.score_w, w.rows);
-    CUDA_LAUNCH_CHECK();
-    normalise_kernel<Tin><<<ceil_div(rows, kThreads / 32), kThreads>>>(D, w.rows, o, saved_r);
+    // out = r∘(Φq_c·S_c) + W_c·V1_c, normalised
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.dl, D.m, x.phi_q, x.s, 0.f, w.out_s, D.dl, (int64_t)kChunk * D.dl);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.dl, kChunk, x.w, x.v_one, 0.f, w.out_l, D.dl, (int64_t)kChunk * D.dl);
+    normalise_kernel<Tin><<<warp_blocks_for(rows), kThreads>>>(D, w.out_s, w.out_l, ck, o, saved_r);
     CUDA_LAUNCH_CHECK();
 }
 
 template <typename Tin>
-void launch_backward(cublasHandle_t blas, const Dims& D, const Work& w, const float* omega1, Strided dq, Strided dk,
-                     Strided dv, Strided dout, Strided q, Strided k, Strided v, Strided o,
-                     const float* saved) {
-    const int bh = D.B * D.H;
-    const size_t rows = (size_t)bh * D.T;
+void launch_backward(cublasHandle_t blas, const Dims& D, float* workspace, const float* omega1, Strided dq, Strided dk,
+                     Strided dv, Strided dout, Strided q, Strided k, Strided v, Strided o, const float* saved) {
+    using E = Tin;
+    const Work<E> w = WorkLayout(D).carve<E>(workspace);
+    const Views<E> x = views(D, w);
+    const size_t rows = (size_t)D.B * D.H * D.T;
     const float* saved_r = saved;
     const float* cq = saved + rows;
     const float* ck = saved + 2 * rows;
-    const int f_tiles = ceil_div(D.m, kTile), c_tiles = ceil_div(D.d + 1, kTile);
-    const int d_tiles = ceil_div(D.d, kTile);
-    const dim3 scan_grid(ceil_div((size_t)D.m * (D.d + 1), kThreads), bh);
-    logits<Tin>(blas, D, w, omega1, q, k);
-    grad_rows_kernel<Tin><<<ceil_div(rows, kThreads / 32), kThreads>>>(D, dout, o, saved_r, w.rows);
+    const int64_t rows_d = (int64_t)kChunk * D.dl, rows_m = (int64_t)kChunk * D.mld, score = kChunk * kChunk;
+    logits<Tin, E>(blas, D, w, omega1, q, k);  // cq, ck are saved: no maxima this time
+    operands<Tin, E>(D, w, v, cq, ck);
+    grad_rows_kernel<Tin, E><<<warp_blocks_for(D.N), kThreads>>>(D, dout, o, saved_r, ck, w.dot, w.dout, w.rg);
     CUDA_LAUNCH_CHECK();
-    // prefix states S_c, as in the forward
-    chunk_state_kernel<Tin, false><<<dim3(f_tiles * c_tiles, D.nc, bh), kThreads>>>(
-        D, w.ak, ck, ck, v, nullptr, w.state_s);
+    // prefix states S_c (as the forward), suffix states G_c from Φq_cᵀ·rg_c
+    chunk_states<E>(blas, D, w, x, x.phi_k, x.v_rho, ck, false, w.s);
+    chunk_states<E>(blas, D, w, x, x.phi_q, x.rg, ck, true, w.g);
+    // W' = W/R and M
+    chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.mld, x.phi_q, T_(x.phi_k), 0.f, w.score, kChunk, score);
+    chunk_scores_kernel<Score::kWOverR, E><<<blocks_for(x.chunks * score), kThreads>>>(D, w.score, ck, saved_r,
+                                                                                       nullptr, w.w);
     CUDA_LAUNCH_CHECK();
-    scan_states_kernel<false><<<scan_grid, kThreads>>>(D, ck, w.state_s);
+    chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.d, x.dout, T_(x.v_one), 0.f, w.score, kChunk, score);
+    chunk_scores_kernel<Score::kM, E><<<blocks_for(x.chunks * score), kThreads>>>(D, w.score, ck, saved_r, w.dot,
+                                                                                  w.mm);
     CUDA_LAUNCH_CHECK();
-    // suffix states G_c
-    chunk_state_kernel<Tin, true><<<dim3(f_tiles * c_tiles, D.nc, bh), kThreads>>>(
-        D, w.aq, cq, ck, v, w.rows, w.state_g);
+    // dφq = rg·S_cᵀ + M·Φk,  dφk = Vρ·G_cᵀ + Mᵀ·Φq
+    float* dphi_q = w.dphi;
+    float* dphi_k = w.dphi + D.N * D.mld;
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.rg, T_(x.s), 0.f, dphi_q, D.mld, rows_m);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, kChunk, x.mm, x.phi_k, 1.f, dphi_q, D.mld, rows_m);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.v_rho, T_(x.g), 0.f, dphi_k, D.mld, rows_m);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, kChunk, T_(x.mm), x.phi_q, 1.f, dphi_k, D.mld, rows_m);
+    // dv = ρ∘(Φk·G_c) + W'ᵀ·dO
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.d, D.m, x.phi_k, x.g, 0.f, w.out_s, D.dl, rows_d);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.d, kChunk, T_(x.w), x.dout, 0.f, w.out_l, D.dl, rows_d);
+    dv_kernel<Tin><<<blocks_for(rows * D.d), kThreads>>>(D, w.out_s, w.out_l, ck, dv);
     CUDA_LAUNCH_CHECK();
-    scan_states_kernel<true><<<scan_grid, kThreads>>>(D, ck, w.state_g);
+    // through the feature map: da in place, [Ωᵀ·da | Σ_f da] of q and k in one GEMM, then dx
+    feature_map_grad_kernel<<<blocks_for(2 * D.N * D.mld / 4), kThreads>>>(D, w.logits, cq, ck, w.dphi);
     CUDA_LAUNCH_CHECK();
-    scores_kernel<Tin, true><<<dim3(D.nc, bh), kThreads>>>(D, w.aq, w.ak, cq, ck, v, w.rows, w.score_w, w.score_m);
-    CUDA_LAUNCH_CHECK();
-    dphi_kernel<Tin><<<dim3(f_tiles, D.nc, bh), kThreads>>>(D, w.aq, w.ak, cq, ck, v, w.rows, w.state_s,
-                                                            w.state_g, w.score_m, w.daq, w.dak);
-    CUDA_LAUNCH_CHECK();
-    dv_kernel<Tin><<<dim3(d_tiles, D.nc, bh), kThreads>>>(D, w.ak, ck, w.rows, w.state_g, w.score_w, dv);
-    CUDA_LAUNCH_CHECK();
-    // [Ωᵀ·da | Σ_f da] of q and k in one GEMM (daq, dak contiguous), then dx
-    const size_t rows2 = 2 * rows;
     const int xld = aug_ld(D.d);
-    sgemm_rm(blas, false, (int)rows2, xld, D.m, w.daq, D.m, omega1, xld, w.gaug, xld);
-    feature_grad_kernel<Tin><<<ceil_div(rows2 * D.d, kThreads), kThreads>>>(D, w.gaug, w.xaug, xld, dq, dk);
+    const cublasComputeType_t compute =
+        std::is_same<Tin, float>::value ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F_FAST_TF32;
+    gemm_f32(blas, compute, false, 2 * (int64_t)D.N, xld, D.m, w.dphi, D.mld, omega1, xld, w.gaug, xld);
+    feature_grad_kernel<Tin><<<blocks_for(2 * rows * D.d), kThreads>>>(D, w.gaug, w.xaug, xld, dq, dk);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -729,7 +732,7 @@ public:
     std::string name() const override { return "performer"; }
     size_t saved_size(const AttnShape& s) const override { return performer_saved_size(s); }
     size_t workspace_bytes(const AttnShape& s) const override {
-        return work_layout(s, cfg_.features).total() * sizeof(float);
+        return WorkLayout(dims(s)).total() * sizeof(float);
     }
 
     void forward(const AttnShape& s, const AttnContext& ctx, HeadTensor o, HeadTensor q,
@@ -739,12 +742,12 @@ public:
               "performer attention: forward needs the saved buffer (%zu floats) and a workspace of %zu bytes",
               saved_size(s), workspace_bytes(s));
         const Dims D = dims(s);
-        const Work w = work_layout(s, cfg_.features).carve(static_cast<float*>(workspace));
+        float* ws = static_cast<float*>(workspace);
         const float* omega1 = features(ctx, s.d);
         if (dt == DType::BF16)
-            launch_forward<bf16>(blas(), D, w, omega1, strided(o), strided(q), strided(k), strided(v), saved);
+            launch_forward<bf16>(blas(), D, ws, omega1, strided(o), strided(q), strided(k), strided(v), saved);
         else
-            launch_forward<float>(blas(), D, w, omega1, strided(o), strided(q), strided(k), strided(v), saved);
+            launch_forward<float>(blas(), D, ws, omega1, strided(o), strided(q), strided(k), strided(v), saved);
     }
 
     void backward(const AttnShape& s, const AttnContext& ctx, HeadTensor dq, HeadTensor dk,
@@ -757,13 +760,13 @@ public:
               "performer attention: backward needs the saved buffer and a workspace of %zu bytes",
               workspace_bytes(s));
         const Dims D = dims(s);
-        const Work w = work_layout(s, cfg_.features).carve(static_cast<float*>(workspace));
+        float* ws = static_cast<float*>(workspace);
         const float* omega1 = features(ctx, s.d);
         if (dt == DType::BF16)
-            launch_backward<bf16>(blas(), D, w, omega1, strided(dq), strided(dk), strided(dv), strided(dout),
+            launch_backward<bf16>(blas(), D, ws, omega1, strided(dq), strided(dk), strided(dv), strided(dout),
                                   strided(q), strided(k), strided(v), strided(o), saved);
         else
-            launch_backward<float>(blas(), D, w, omega1, strided(dq), strided(dk), strided(dv), strided(dout),
+            launch_backward<float>(blas(), D, ws, omega1, strided(dq), strided(dk), strided(dv), strided(dout),
                                    strided(q), strided(k), strided(v), strided(o), saved);
     }
 
@@ -772,6 +775,10 @@ private:
         Dims D;
         D.B = s.B, D.H = s.H, D.T = s.T, D.d = s.d, D.m = cfg_.features;
         D.nc = ceil_div(s.T, kChunk);
+        D.Tp = D.nc * kChunk;
+        D.mld = round8(cfg_.features);
+        D.dl = round8(s.d + 1);
+        D.N = (size_t)s.B * s.H * D.Tp;
         D.in_scale = (float)std::pow((double)s.d, -0.25);
         D.phi_scale = (float)(1.0 / std::sqrt((double)cfg_.features));
         D.epsilon = (float)kPerformerEpsilon;
@@ -803,13 +810,12 @@ private:
         }
         return c.omega1;
     }
-    // The handle of the Ω GEMMs, on the default stream as every launch here, fp32 without TF32
-    // (pedantic math); created on first use.
+    // The handle of the GEMMs, on the default stream as every launch here (each call names its
+    // compute type: pedantic fp32, TF32 or bf16 with fp32 accumulation); created on first use.
     cublasHandle_t blas() {
         if (!blas_) {
             CUBLAS_CHECK(cublasCreate(&blas_));
             CUBLAS_CHECK(cublasSetStream(blas_, 0));
-            CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_PEDANTIC_MATH));
         }
         return blas_;
     }
