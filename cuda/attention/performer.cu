@@ -82,7 +82,7 @@ inline int aug_ld(int d) { return (d + 1 + 3) / 4 * 4; }
 struct Dims {
     int B, H, T, d, m, nc;  // nc = number of chunks per head
     int Tp;                 // nc·64: rows per head of the padded arrays
-    int mld, dl;            // row strides: m and d + 1 rounded up to 8
+    int mld, dl;            // row strides: m and d + 2 (V1 = [v | 1 | 1]) rounded up to 8
     size_t N;               // B·H·Tp padded rows
     float in_scale;         // d^(-1/4), rounded as the CPU rounds it
     float phi_scale;        // m^(-1/2)
@@ -92,25 +92,26 @@ struct Dims {
 // The workspace. Padded row p = bh·Tp + t; chunk z = bh·nc + c covers rows z·64 .. z·64+63.
 template <typename E>
 struct Work {
-    float* logits;   // (2N, mld) a of q (rows 0..N-1), then of k
-    float* dphi;     // (2N, mld) backward: dφ of q, then of k; then da in place
-    float* state;    // (B·H·nc, m, dl) local chunk states U_c (forward) or Σ_{i∈c} r_i φq_i g_iᵀ (backward)
-    float* score;    // (B·H·nc, 64, 64) raw chunk products Φq·Φkᵀ, then dO·V1ᵀ
-    float* out_s;    // (N, dl) forward: Φq·S_c; backward: Φk·G_c
-    float* out_l;    // (N, dl) forward: W·V1; backward: W'ᵀ·dO
-    float* dot;      // (N) backward: D_i = dO_i·o_i
-    float* tile_max; // (2N, ceil(m/64)) max of the logits over each 64-feature tile (q, then k)
-    float* xaug;     // (2N, xld) rows [x̃ | −‖x̃‖²/2 | 0..] of q, then of k: the logits GEMM's A
-    float* gaug;     // (2N, xld) backward: [Ωᵀ·da | Σ_f da | 0..] of q, then of k
-    E* phi;          // (2N, mld) Φq, then Φk
-    E* v_rho;        // (N, dl) ρ_j·[v_j | 1]
-    E* v_one;        // (N, dl) [v_j | 1]
-    E* s;            // (B·H·nc, m, dl) prefix states S_c
-    E* g;            // (B·H·nc, m, dl) suffix states G_c
-    E* w;            // (B·H·nc, 64, 64) W (forward) or W' = W/R (backward)
-    E* mm;           // (B·H·nc, 64, 64) M
-    E* dout;         // (N, dl) dO (columns ≥ d zero)
-    E* rg;           // (N, dl) r_i·g_i
+    float* logits;      // (2N, mld) a of q (rows 0..N-1), then of k
+    float* dphi_state;  // (2N, mld) backward: the inter-chunk part of dφ (before its row scale) of q,
+                        //   then of k; then da of q and k in place
+    float* dphi_local;  // (2N, mld) backward: the intra-chunk part of dφ of q, then of k
+    float* state;       // (B·H·nc, m, dl) local chunk states U_c (forward) or L_c (backward)
+    float* score;       // (B·H·nc, 64, 64) raw chunk products Φq·Φkᵀ, then dO·vᵀ
+    float* out_s;       // (N, dl) forward: Φq·S_c; backward: dv = Φk'·G_c + W'ᵀ·dO
+    float* out_l;       // (N, dl) forward: W·V1
+    float* dot;         // (N) backward: D_i = dO_i·o_i
+    float* tile_max;    // (2N, ceil(m/64)) max of the logits over each 64-feature tile (q, then k)
+    float* xaug;        // (2N, xld) rows [x̃ | −‖x̃‖²/2 | 0..] of q, then of k: the logits GEMM's A
+    float* gaug;        // (2N, xld) backward: [Ωᵀ·da | Σ_f da | 0..] of q, then of k
+    E* phi;             // (2N, mld) Φq, then Φk
+    E* phi_scaled;      // (2N, mld) Φq' = (r/R)∘Φq (backward only), then Φk' = ρ∘Φk
+    E* v_one;           // (N, dl) V1 = [v | 1 | 1 | 0..]
+    E* dod;             // (N, dl) backward: [dO | −D_hi | −D_lo | 0..]
+    E* s_hi, *s_lo;     // (B·H·nc, m, dl) prefix states S_c = s_hi + s_lo (s_lo: bf16 backward only)
+    E* g_hi, *g_lo;     // (B·H·nc, m, dl) suffix states G_c = g_hi + g_lo (g_lo: bf16 only)
+    E* w;               // (B·H·nc, 64, 64) W (forward) or W' = W/R (backward)
+    E* mm;              // (B·H·nc, 64, 64) M
 };
 
 struct WorkLayout {
@@ -126,17 +127,19 @@ struct WorkLayout {
         tmax = round64(2 * D.N * ((D.m + kTile - 1) / kTile));
         aug = round64(2 * D.N * aug_ld(D.d));
     }
-    // fp32 arrays, then the storage-type ones, each sized as fp32 (the bf16 ones use half)
+    // fp32 arrays, then the storage-type ones, each sized as fp32 (the bf16 ones use half: the
+    // workspace size is asked without the dtype)
     size_t total() const {
-        return 2 * rows_m + states + scores + 2 * rows_d + dots + tmax + 2 * aug +  // fp32
-               rows_m + 4 * rows_d + 2 * states + 2 * scores;                         // E
+        return 3 * rows_m + states + scores + 2 * rows_d + dots + tmax + 2 * aug +  // fp32
+               2 * rows_m + 2 * rows_d + 4 * states + 2 * scores;                   // E
     }
     template <typename E>
     Work<E> carve(float* p) const {
         Work<E> w;
         auto take = [&](size_t n) { float* at = p; p += n; return at; };
         w.logits = take(rows_m);
-        w.dphi = take(rows_m);
+        w.dphi_state = take(rows_m);
+        w.dphi_local = take(rows_m);
         w.state = take(states);
         w.score = take(scores);
         w.out_s = take(rows_d);
@@ -146,17 +149,23 @@ struct WorkLayout {
         w.xaug = take(aug);
         w.gaug = take(aug);
         w.phi = reinterpret_cast<E*>(take(rows_m));
-        w.v_rho = reinterpret_cast<E*>(take(rows_d));
+        w.phi_scaled = reinterpret_cast<E*>(take(rows_m));
         w.v_one = reinterpret_cast<E*>(take(rows_d));
-        w.dout = reinterpret_cast<E*>(take(rows_d));
-        w.rg = reinterpret_cast<E*>(take(rows_d));
-        w.s = reinterpret_cast<E*>(take(states));
-        w.g = reinterpret_cast<E*>(take(states));
+        w.dod = reinterpret_cast<E*>(take(rows_d));
+        w.s_hi = reinterpret_cast<E*>(take(states));
+        w.s_lo = reinterpret_cast<E*>(take(states));
+        w.g_hi = reinterpret_cast<E*>(take(states));
+        w.g_lo = reinterpret_cast<E*>(take(states));
         w.w = reinterpret_cast<E*>(take(scores));
         w.mm = reinterpret_cast<E*>(take(scores));
         return w;
     }
 };
+
+// bf16 storage splits the states (and D) into hi + lo pairs where cancellation needs more than
+// bf16's 8 bits; fp32 storage needs no lo part.
+template <typename E>
+constexpr bool kSplit = std::is_same<E, bf16>::value;
 
 // Key stabiliser at the last position of chunk c (ckh: one head's (T) array).
 __device__ __forceinline__ float ck_last(const float* ckh, int c, int T) {
@@ -276,12 +285,14 @@ __global__ void __launch_bounds__(1024)
     }
 }
 
-// Features Φ (2N, mld) in E from the logits: φ = m^(-1/2)·(exp(a − c) + ε), c = cq (q rows) or
-// ck (k rows); 0 in padding rows and columns. Four features per thread (mld is a multiple of 8).
+// Features (2N, mld) in E from the logits: φ = m^(-1/2)·(exp(a − c) + ε), c = cq (q rows) or ck
+// (k rows) -> phi; the same scaled by its row's frame factor -> phi_scaled: Φk' = ρ∘Φk, and
+// Φq' = (r/R)∘Φq when saved_r is given (backward; 0 for guarded rows). 0 in padding rows and
+// columns. Four features per thread (mld is a multiple of 8).
 template <typename E>
 __global__ void __launch_bounds__(kThreads)
     features_kernel(Dims D, const float* __restrict__ logits, const float* __restrict__ cq,
-                    const float* __restrict__ ck, E* phi) {
+                    const float* __restrict__ ck, const float* __restrict__ saved_r, E* phi, E* phi_scaled) {
     const size_t quads = (size_t)D.mld / 4, idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
     if (idx >= 2 * D.N * quads) return;
     const size_t n = idx / quads;
@@ -289,40 +300,53 @@ __global__ void __launch_bounds__(kThreads)
     const bool is_k = n >= D.N;
     const PaddedRow r = padded_row(D, is_k ? n - D.N : n);
     const bool live = r.t < D.T;
-    const float stab = live ? (is_k ? ck : cq)[(size_t)r.bh * D.T + r.t] : 0.f;
+    const bool scaled = is_k || saved_r != nullptr;
+    float stab = 0.f, row_scale = 0.f;
+    if (live) {
+        const float* ckh = ck + (size_t)r.bh * D.T;
+        if (is_k) {
+            stab = ckh[r.t];
+            row_scale = key_frame(ckh, r.t, D.T);
+        } else {
+            stab = cq[(size_t)r.bh * D.T + r.t];
+            const float R = scaled ? saved_r[(size_t)r.bh * D.T + r.t] : 0.f;
+            row_scale = R > 0.f ? query_frame(ckh, r.t, D.T) / R : 0.f;
+        }
+    }
     const float4 a = *reinterpret_cast<const float4*>(logits + n * D.mld + f0);
     const float av[4] = {a.x, a.y, a.z, a.w};
     E* out = phi + n * D.mld + f0;
+    E* out_scaled = phi_scaled + n * D.mld + f0;
 #pragma unroll
-    for (int u = 0; u < 4; u++)
-        out[u] = from_f32<E>(live && f0 + u < D.m ? D.phi_scale * (expf(av[u] - stab) + D.epsilon) : 0.f);
+    for (int u = 0; u < 4; u++) {
+        const float x = live && f0 + u < D.m ? D.phi_scale * (expf(av[u] - stab) + D.epsilon) : 0.f;
+        out[u] = from_f32<E>(x);
+        if (scaled) out_scaled[u] = from_f32<E>(row_scale * x);
+    }
 }
 
-// Value rows (N, dl) in E: V1_t = [v_t | 1 | 0..] and Vρ_t = ρ_t·V1_t; 0 in padding rows. One
-// thread per element.
+// Value rows V1 (N, dl) in E: [v_t | 1 | 1 | 0..] (exact in bf16: the ones column twice, so that
+// the states carry Σφ in two columns, against −D_hi and −D_lo in the backward); 0 in padding
+// rows. One thread per element.
 template <typename Tin, typename E>
-__global__ void __launch_bounds__(kThreads)
-    value_rows_kernel(Dims D, Strided V, const float* __restrict__ ck, E* v_rho, E* v_one) {
+__global__ void __launch_bounds__(kThreads) value_rows_kernel(Dims D, Strided V, E* v_one) {
     const size_t idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
     if (idx >= D.N * D.dl) return;
     const size_t p = idx / D.dl;
     const int col = (int)(idx % D.dl);
     const PaddedRow r = padded_row(D, p);
-    float x = 0.f, rho = 0.f;
+    float x = 0.f;
     if (r.t < D.T) {
-        const float* ckh = ck + (size_t)r.bh * D.T;
-        rho = key_frame(ckh, r.t, D.T);
         if (col < D.d)
             x = to_f32(head_slice<const Tin>(V, r.bh / D.H, r.bh % D.H)[(int64_t)r.t * V.st + col]);
-        else if (col == D.d)
+        else if (col <= D.d + 1)
             x = 1.f;
     }
     v_one[idx] = from_f32<E>(x);
-    v_rho[idx] = from_f32<E>(rho * x);
 }
 
 // Scans over chunks, per (b, h) and state element, in chunk order (deterministic), from the local
-// states (fp32) into out (E):
+// states (fp32) into out_hi (+ out_lo = the rounding remainder, when given) in E:
 //   prefix (kSuffix = false): out[c] = S_c, frame ck_last(c−1): S_0 = 0, S_{c+1} = exp(ck_last(c−1) − ck_last(c))·S_c + U_c
 //   suffix (kSuffix = true):  out[c] = G_c, frame ck_last(c): G_{nc−1} = 0, G_{c−1} = exp(ck_last(c−1) − ck_last(c))·G_c + L_c
 // Grid (ceil(m·dl/256), B·H). Each thread loads kScanBatch chunks' values at once (independent
@@ -331,7 +355,7 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kScanBatch = 8;
 template <bool kSuffix, typename E>
 __global__ void __launch_bounds__(kThreads)
-    scan_states_kernel(Dims D, const float* __restrict__ ck, const float* __restrict__ local, E* out) {
+    scan_states_kernel(Dims D, const float* __restrict__ ck, const float* __restrict__ local, E* out_hi, E* out_lo) {
     const size_t per_chunk = (size_t)D.m * D.dl;
     const size_t e = (size_t)blockIdx.x * kThreads + threadIdx.x;
     const int bh = blockIdx.y;
@@ -350,7 +374,9 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < kScanBatch; k++) {
             if (i0 + k >= D.nc) break;
             const int c = kSuffix ? D.nc - 1 - (i0 + k) : i0 + k;
-            out[base + c * per_chunk] = from_f32<E>(run);
+            const E hi = from_f32<E>(run);
+            out_hi[base + c * per_chunk] = hi;
+            if (out_lo != nullptr) out_lo[base + c * per_chunk] = from_f32<E>(run - to_f32(hi));
             if (c > 0)
                 run = run * expf(ck_last(ckh, c - 1, D.T) - ck_last(ckh, c, D.T)) + u[k];
             else if (!kSuffix)
@@ -415,62 +441,56 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ================================================================ backward row kernels
-// Per padded row: D_t = dO_t·o_t (fp32) -> dots; dO (E, columns ≥ d zero); rg_t = r_t·[dO_t | −D_t]/R_t
-// (0 for guarded and padding rows). One warp per row.
+// Per padded row: D_t = dO_t·o_t (fp32) -> dots; dod_t = [dO_t | −D_hi | −D_lo | 0..] in E, with
+// D_hi + D_lo = D_t (hi/lo only in bf16): dO is exact in its own dtype, so the products with
+// [v | 1 | 1] cancel as in fp32 (o_t ≈ v_j for nearly one-hot rows). 0 in padding rows. One warp per row.
 template <typename Tin, typename E>
 __global__ void __launch_bounds__(kThreads)
-    grad_rows_kernel(Dims D, Strided dO, Strided O, const float* __restrict__ saved_r, const float* __restrict__ ck,
-                     float* dots, E* dout_e, E* rg) {
+    grad_rows_kernel(Dims D, Strided dO, Strided O, float* dots, E* dod) {
     const size_t p = (size_t)blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (p >= D.N) return;
     const PaddedRow r = padded_row(D, p);
-    E* de = dout_e + p * D.dl;
-    E* ge = rg + p * D.dl;
+    E* row = dod + p * D.dl;
     if (r.t >= D.T) {
-        for (int col = lane; col < D.dl; col += 32) de[col] = ge[col] = from_f32<E>(0.f);
+        for (int col = lane; col < D.dl; col += 32) row[col] = from_f32<E>(0.f);
         if (lane == 0) dots[p] = 0.f;
         return;
     }
     const int b = r.bh / D.H, h = r.bh % D.H;
-    const float R = saved_r[(size_t)r.bh * D.T + r.t];
-    const float scale = R > 0.f ? query_frame(ck + (size_t)r.bh * D.T, r.t, D.T) / R : 0.f;
     const Tin* dout = head_slice<const Tin>(dO, b, h) + (int64_t)r.t * dO.st;
     const Tin* o = head_slice<const Tin>(O, b, h) + (int64_t)r.t * O.st;
     float dot = 0.f;
     for (int col = lane; col < D.d; col += 32) {
         const float x = to_f32(dout[col]);
         dot += x * to_f32(o[col]);
-        de[col] = from_f32<E>(x);
-        ge[col] = from_f32<E>(scale * x);
+        row[col] = from_f32<E>(x);
     }
     dot = warp_sum(dot);
-    for (int col = D.d + lane; col < D.dl; col += 32) {
-        de[col] = from_f32<E>(0.f);
-        ge[col] = from_f32<E>(col == D.d ? -scale * dot : 0.f);
-    }
+    const E hi = from_f32<E>(-dot);
+    for (int col = D.d + lane; col < D.dl; col += 32)
+        row[col] = col == D.d ? hi : col == D.d + 1 ? from_f32<E>(-dot - to_f32(hi)) : from_f32<E>(0.f);
     if (lane == 0) dots[p] = dot;
 }
 
-// dv_t = ρ_t·out_s_t[:d] + out_l_t[:d] (out_s = Φk·G_c, out_l = W'ᵀ·dO). One thread per element.
+// dv_t = out_s_t[:d] (= Φk'·G_c + W'ᵀ·dO) in the input dtype. One thread per element.
 template <typename Tin>
-__global__ void __launch_bounds__(kThreads)
-    dv_kernel(Dims D, const float* __restrict__ out_s, const float* __restrict__ out_l, const float* __restrict__ ck,
-              Strided dV) {
+__global__ void __launch_bounds__(kThreads) dv_kernel(Dims D, const float* __restrict__ dv_rows, Strided dV) {
     const size_t idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
     if (idx >= (size_t)D.B * D.H * D.T * D.d) return;
     const size_t row = idx / D.d;
     const int col = (int)(idx % D.d), t = (int)(row % D.T), bh = (int)(row / D.T);
     const size_t p = ((size_t)bh * D.Tp + t) * D.dl + col;
-    const float rho = key_frame(ck + (size_t)bh * D.T, t, D.T);
-    head_slice<Tin>(dV, bh / D.H, bh % D.H)[(int64_t)t * dV.st + col] = from_f32<Tin>(rho * out_s[p] + out_l[p]);
+    head_slice<Tin>(dV, bh / D.H, bh % D.H)[(int64_t)t * dV.st + col] = from_f32<Tin>(dv_rows[p]);
 }
 
-// da = dφ·m^(-1/2)·exp(a − c) in place over dphi (2N, mld; q rows then k rows), from the fp32
-// logits; 0 in padding rows and columns. Four features per thread.
+// da = (row_scale·dφ_state + dφ_local)·m^(-1/2)·exp(a − c), into dphi_state (2N, mld; q rows
+// then k rows), from the fp32 logits; row_scale = r/R (q rows; 0 for guarded rows) or ρ (k rows).
+// 0 in padding rows and columns. Four features per thread.
 __global__ void __launch_bounds__(kThreads)
     feature_map_grad_kernel(Dims D, const float* __restrict__ logits, const float* __restrict__ cq,
-                            const float* __restrict__ ck, float* dphi) {
+                            const float* __restrict__ ck, const float* __restrict__ saved_r, float* dphi_state,
+                            const float* __restrict__ dphi_local) {
     const size_t quads = (size_t)D.mld / 4, idx = (size_t)blockIdx.x * kThreads + threadIdx.x;
     if (idx >= 2 * D.N * quads) return;
     const size_t n = idx / quads;
@@ -478,17 +498,29 @@ __global__ void __launch_bounds__(kThreads)
     const bool is_k = n >= D.N;
     const PaddedRow r = padded_row(D, is_k ? n - D.N : n);
     const bool live = r.t < D.T;
-    const float stab = live ? (is_k ? ck : cq)[(size_t)r.bh * D.T + r.t] : 0.f;
+    float stab = 0.f, row_scale = 0.f;
+    if (live) {
+        const float* ckh = ck + (size_t)r.bh * D.T;
+        if (is_k) {
+            stab = ckh[r.t];
+            row_scale = key_frame(ckh, r.t, D.T);
+        } else {
+            stab = cq[(size_t)r.bh * D.T + r.t];
+            const float R = saved_r[(size_t)r.bh * D.T + r.t];
+            row_scale = R > 0.f ? query_frame(ckh, r.t, D.T) / R : 0.f;
+        }
+    }
     const float4 a = *reinterpret_cast<const float4*>(logits + n * D.mld + f0);
-    float4* g = reinterpret_cast<float4*>(dphi + n * D.mld + f0);
+    const float4 loc = *reinterpret_cast<const float4*>(dphi_local + n * D.mld + f0);
+    float4* g = reinterpret_cast<float4*>(dphi_state + n * D.mld + f0);
     float4 x = *g;
-    auto one = [&](float dp, float av, int u) {
-        return live && f0 + u < D.m ? dp * D.phi_scale * expf(av - stab) : 0.f;
+    auto one = [&](float st, float lo, float av, int u) {
+        return live && f0 + u < D.m ? (row_scale * st + lo) * D.phi_scale * expf(av - stab) : 0.f;
     };
-    x.x = one(x.x, a.x, 0);
-    x.y = one(x.y, a.y, 1);
-    x.z = one(x.z, a.z, 2);
-    x.w = one(x.w, a.w, 3);
+    x.x = one(x.x, loc.x, a.x, 0);
+    x.y = one(x.y, loc.y, a.y, 1);
+    x.z = one(x.z, loc.z, a.z, 2);
+    x.w = one(x.w, loc.w, a.w, 3);
     *g = x;
 }
 
@@ -581,19 +613,20 @@ void logits(cublasHandle_t blas, const Dims& D, const Work<E>& w, const float* o
              D.mld);
 }
 
-// The materialised GEMM operands: features Φq, Φk and the value rows Vρ, V1.
+// The materialised GEMM operands: features Φq, Φk, their frame-scaled copies and V1.
 template <typename Tin, typename E>
-void operands(const Dims& D, const Work<E>& w, Strided v, const float* cq, const float* ck) {
-    features_kernel<E><<<blocks_for(2 * D.N * D.mld / 4), kThreads>>>(D, w.logits, cq, ck, w.phi);
+void operands(const Dims& D, const Work<E>& w, Strided v, const float* cq, const float* ck, const float* saved_r) {
+    features_kernel<E><<<blocks_for(2 * D.N * D.mld / 4), kThreads>>>(D, w.logits, cq, ck, saved_r, w.phi,
+                                                                     w.phi_scaled);
     CUDA_LAUNCH_CHECK();
-    value_rows_kernel<Tin, E><<<blocks_for(D.N * D.dl), kThreads>>>(D, v, ck, w.v_rho, w.v_one);
+    value_rows_kernel<Tin, E><<<blocks_for(D.N * D.dl), kThreads>>>(D, v, w.v_one);
     CUDA_LAUNCH_CHECK();
 }
 
 // Operand views of the workspace, per chunk.
 template <typename E>
 struct Views {
-    Operand<E> phi_q, phi_k, v_rho, v_one, s, g, w, mm, dout, rg;
+    Operand<E> phi_q, phi_k, phi_q_scaled, phi_k_scaled, v_one, dod, s_hi, s_lo, g_hi, g_lo, w, mm;
     int64_t chunks;
 };
 template <typename E>
@@ -603,14 +636,16 @@ Views<E> views(const Dims& D, const Work<E>& w) {
     Views<E> x;
     x.phi_q = Operand<E>{w.phi, D.mld, rows_m, false};
     x.phi_k = Operand<E>{w.phi + D.N * D.mld, D.mld, rows_m, false};
-    x.v_rho = Operand<E>{w.v_rho, D.dl, rows_d, false};
+    x.phi_q_scaled = Operand<E>{w.phi_scaled, D.mld, rows_m, false};
+    x.phi_k_scaled = Operand<E>{w.phi_scaled + D.N * D.mld, D.mld, rows_m, false};
     x.v_one = Operand<E>{w.v_one, D.dl, rows_d, false};
-    x.s = Operand<E>{w.s, D.dl, state, false};
-    x.g = Operand<E>{w.g, D.dl, state, false};
+    x.dod = Operand<E>{w.dod, D.dl, rows_d, false};
+    x.s_hi = Operand<E>{w.s_hi, D.dl, state, false};
+    x.s_lo = Operand<E>{w.s_lo, D.dl, state, false};
+    x.g_hi = Operand<E>{w.g_hi, D.dl, state, false};
+    x.g_lo = Operand<E>{w.g_lo, D.dl, state, false};
     x.w = Operand<E>{w.w, kChunk, score, false};
     x.mm = Operand<E>{w.mm, kChunk, score, false};
-    x.dout = Operand<E>{w.dout, D.dl, rows_d, false};
-    x.rg = Operand<E>{w.rg, D.dl, rows_d, false};
     x.chunks = (int64_t)D.B * D.H * D.nc;
     return x;
 }
@@ -620,16 +655,17 @@ Operand<E> T_(Operand<E> x) {  // the same matrices, transposed
     return x;
 }
 
-// Local chunk states L_c = Xᵀ·Y (m × dl) into w.state, then the prefix (S) or suffix (G) scan into out.
+// Local chunk states Xᵀ·Y (m × dl) into w.state, then the prefix (S) or suffix (G) scan into
+// hi (+ lo, when given).
 template <typename E>
-void chunk_states(cublasHandle_t blas, const Dims& D, const Work<E>& w, const Views<E>& x, Operand<E> X, Operand<E> Y,
-                  const float* ck, bool suffix, E* out) {
-    chunk_gemm<E>(blas, x.chunks, D.m, D.dl, kChunk, T_(X), Y, 0.f, w.state, D.dl, (int64_t)D.m * D.dl);
+void chunk_states(cublasHandle_t blas, const Dims& D, const Work<E>& w, int64_t chunks, Operand<E> X, Operand<E> Y,
+                  const float* ck, bool suffix, E* hi, E* lo) {
+    chunk_gemm<E>(blas, chunks, D.m, D.dl, kChunk, T_(X), Y, 0.f, w.state, D.dl, (int64_t)D.m * D.dl);
     const dim3 grid(ceil_div((long long)D.m * D.dl, kThreads), D.B * D.H);
     if (suffix)
-        scan_states_kernel<true, E><<<grid, kThreads>>>(D, ck, w.state, out);
+        scan_states_kernel<true, E><<<grid, kThreads>>>(D, ck, w.state, hi, lo);
     else
-        scan_states_kernel<false, E><<<grid, kThreads>>>(D, ck, w.state, out);
+        scan_states_kernel<false, E><<<grid, kThreads>>>(D, ck, w.state, hi, lo);
     CUDA_LAUNCH_CHECK();
 }
 
@@ -640,6 +676,7 @@ void launch_forward(cublasHandle_t blas, const Dims& D, float* workspace, const 
     const Work<E> w = WorkLayout(D).carve<E>(workspace);
     const Views<E> x = views(D, w);
     const size_t rows = (size_t)D.B * D.H * D.T;
+    const int64_t rows_d = (int64_t)kChunk * D.dl, score = kChunk * kChunk;
     float* saved_r = saved;
     float* cq = saved + rows;
     float* ck = saved + 2 * rows;
@@ -649,17 +686,17 @@ void launch_forward(cublasHandle_t blas, const Dims& D, float* workspace, const 
     const size_t f_tiles = (D.m + kTile - 1) / kTile;
     stabiliser_kernel<<<D.B * D.H, 1024>>>(D, w.tile_max, w.tile_max + D.N * f_tiles, cq, ck);
     CUDA_LAUNCH_CHECK();
-    operands<Tin, E>(D, w, v, cq, ck);
-    // S_c: prefix over chunks of Φk_cᵀ·Vρ_c
-    chunk_states<E>(blas, D, w, x, x.phi_k, x.v_rho, ck, false, w.s);
+    operands<Tin, E>(D, w, v, cq, ck, nullptr);
+    // S_c: prefix over chunks of Φk'_cᵀ·V1_c (hi part only: the forward's products do not cancel)
+    chunk_states<E>(blas, D, w, x.chunks, x.phi_k_scaled, x.v_one, ck, false, w.s_hi, nullptr);
     // W_c = tril(Φq_c·Φk_cᵀ ∘ exp(ck_j − ck_i))
-    chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.mld, x.phi_q, T_(x.phi_k), 0.f, w.score, kChunk, kChunk * kChunk);
-    chunk_scores_kernel<Score::kW, E><<<blocks_for(x.chunks * kChunk * kChunk), kThreads>>>(D, w.score, ck, nullptr,
-                                                                                            nullptr, w.w);
+    chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.mld, x.phi_q, T_(x.phi_k), 0.f, w.score, kChunk, score);
+    chunk_scores_kernel<Score::kW, E><<<blocks_for(x.chunks * score), kThreads>>>(D, w.score, ck, nullptr, nullptr,
+                                                                                  w.w);
     CUDA_LAUNCH_CHECK();
     // out = r∘(Φq_c·S_c) + W_c·V1_c, normalised
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.dl, D.m, x.phi_q, x.s, 0.f, w.out_s, D.dl, (int64_t)kChunk * D.dl);
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.dl, kChunk, x.w, x.v_one, 0.f, w.out_l, D.dl, (int64_t)kChunk * D.dl);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.dl, D.m, x.phi_q, x.s_hi, 0.f, w.out_s, D.dl, rows_d);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.dl, kChunk, x.w, x.v_one, 0.f, w.out_l, D.dl, rows_d);
     normalise_kernel<Tin><<<warp_blocks_for(rows), kThreads>>>(D, w.out_s, w.out_l, ck, o, saved_r);
     CUDA_LAUNCH_CHECK();
 }
@@ -676,40 +713,47 @@ void launch_backward(cublasHandle_t blas, const Dims& D, float* workspace, const
     const float* ck = saved + 2 * rows;
     const int64_t rows_d = (int64_t)kChunk * D.dl, rows_m = (int64_t)kChunk * D.mld, score = kChunk * kChunk;
     logits<Tin, E>(blas, D, w, omega1, q, k);  // cq, ck are saved: no maxima this time
-    operands<Tin, E>(D, w, v, cq, ck);
-    grad_rows_kernel<Tin, E><<<warp_blocks_for(D.N), kThreads>>>(D, dout, o, saved_r, ck, w.dot, w.dout, w.rg);
+    operands<Tin, E>(D, w, v, cq, ck, saved_r);
+    grad_rows_kernel<Tin, E><<<warp_blocks_for(D.N), kThreads>>>(D, dout, o, w.dot, w.dod);
     CUDA_LAUNCH_CHECK();
-    // prefix states S_c (as the forward), suffix states G_c from Φq_cᵀ·rg_c
-    chunk_states<E>(blas, D, w, x, x.phi_k, x.v_rho, ck, false, w.s);
-    chunk_states<E>(blas, D, w, x, x.phi_q, x.rg, ck, true, w.g);
-    // W' = W/R and M
+    // prefix states S_c = Σ Φk'ᵀ·V1 and suffix states G_c = Σ Φq'ᵀ·[dO | −D], as hi + lo in bf16
+    chunk_states<E>(blas, D, w, x.chunks, x.phi_k_scaled, x.v_one, ck, false, w.s_hi, kSplit<E> ? w.s_lo : nullptr);
+    chunk_states<E>(blas, D, w, x.chunks, x.phi_q_scaled, x.dod, ck, true, w.g_hi, kSplit<E> ? w.g_lo : nullptr);
+    // W' = W/R and M = exp(ck_j − ck_i)·(dO_i·v_j − D_i)/R_i
     chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.mld, x.phi_q, T_(x.phi_k), 0.f, w.score, kChunk, score);
     chunk_scores_kernel<Score::kWOverR, E><<<blocks_for(x.chunks * score), kThreads>>>(D, w.score, ck, saved_r,
                                                                                        nullptr, w.w);
     CUDA_LAUNCH_CHECK();
-    chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.d, x.dout, T_(x.v_one), 0.f, w.score, kChunk, score);
+    chunk_gemm<E>(blas, x.chunks, kChunk, kChunk, D.d, x.dod, T_(x.v_one), 0.f, w.score, kChunk, score);
     chunk_scores_kernel<Score::kM, E><<<blocks_for(x.chunks * score), kThreads>>>(D, w.score, ck, saved_r, w.dot,
                                                                                   w.mm);
     CUDA_LAUNCH_CHECK();
-    // dφq = rg·S_cᵀ + M·Φk,  dφk = Vρ·G_cᵀ + Mᵀ·Φq
-    float* dphi_q = w.dphi;
-    float* dphi_k = w.dphi + D.N * D.mld;
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.rg, T_(x.s), 0.f, dphi_q, D.mld, rows_m);
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, kChunk, x.mm, x.phi_k, 1.f, dphi_q, D.mld, rows_m);
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.v_rho, T_(x.g), 0.f, dphi_k, D.mld, rows_m);
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, kChunk, T_(x.mm), x.phi_q, 1.f, dphi_k, D.mld, rows_m);
-    // dv = ρ∘(Φk·G_c) + W'ᵀ·dO
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.d, D.m, x.phi_k, x.g, 0.f, w.out_s, D.dl, rows_d);
-    chunk_gemm<E>(blas, x.chunks, kChunk, D.d, kChunk, T_(x.w), x.dout, 0.f, w.out_l, D.dl, rows_d);
-    dv_kernel<Tin><<<blocks_for(rows * D.d), kThreads>>>(D, w.out_s, w.out_l, ck, dv);
+    // dφq = (r/R)∘([dO | −D]·S_cᵀ) + M·Φk,   dφk = ρ∘(V1·G_cᵀ) + Mᵀ·Φq   (row scales in the
+    // feature-map kernel; the state products over exact rows and hi + lo states cancel as in fp32)
+    float* state_q = w.dphi_state;
+    float* state_k = w.dphi_state + D.N * D.mld;
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.dod, T_(x.s_hi), 0.f, state_q, D.mld, rows_m);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.v_one, T_(x.g_hi), 0.f, state_k, D.mld, rows_m);
+    if (kSplit<E>) {
+        chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.dod, T_(x.s_lo), 1.f, state_q, D.mld, rows_m);
+        chunk_gemm<E>(blas, x.chunks, kChunk, D.m, D.dl, x.v_one, T_(x.g_lo), 1.f, state_k, D.mld, rows_m);
+    }
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, kChunk, x.mm, x.phi_k, 0.f, w.dphi_local, D.mld, rows_m);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.m, kChunk, T_(x.mm), x.phi_q, 0.f, w.dphi_local + D.N * D.mld, D.mld,
+                  rows_m);
+    // dv = Φk'·G_c + W'ᵀ·dO
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.d, D.m, x.phi_k_scaled, x.g_hi, 0.f, w.out_s, D.dl, rows_d);
+    chunk_gemm<E>(blas, x.chunks, kChunk, D.d, kChunk, T_(x.w), x.dod, 1.f, w.out_s, D.dl, rows_d);
+    dv_kernel<Tin><<<blocks_for(rows * D.d), kThreads>>>(D, w.out_s, dv);
     CUDA_LAUNCH_CHECK();
-    // through the feature map: da in place, [Ωᵀ·da | Σ_f da] of q and k in one GEMM, then dx
-    feature_map_grad_kernel<<<blocks_for(2 * D.N * D.mld / 4), kThreads>>>(D, w.logits, cq, ck, w.dphi);
+    // through the feature map: da into dphi_state, [Ωᵀ·da | Σ_f da] of q and k in one GEMM, then dx
+    feature_map_grad_kernel<<<blocks_for(2 * D.N * D.mld / 4), kThreads>>>(D, w.logits, cq, ck, saved_r,
+                                                                          w.dphi_state, w.dphi_local);
     CUDA_LAUNCH_CHECK();
     const int xld = aug_ld(D.d);
     const cublasComputeType_t compute =
         std::is_same<Tin, float>::value ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F_FAST_TF32;
-    gemm_f32(blas, compute, false, 2 * (int64_t)D.N, xld, D.m, w.dphi, D.mld, omega1, xld, w.gaug, xld);
+    gemm_f32(blas, compute, false, 2 * (int64_t)D.N, xld, D.m, w.dphi_state, D.mld, omega1, xld, w.gaug, xld);
     feature_grad_kernel<Tin><<<blocks_for(2 * rows * D.d), kThreads>>>(D, w.gaug, w.xaug, xld, dq, dk);
     CUDA_LAUNCH_CHECK();
 }
@@ -777,7 +821,7 @@ private:
         D.nc = ceil_div(s.T, kChunk);
         D.Tp = D.nc * kChunk;
         D.mld = round8(cfg_.features);
-        D.dl = round8(s.d + 1);
+        D.dl = round8(s.d + 2);
         D.N = (size_t)s.B * s.H * D.Tp;
         D.in_scale = (float)std::pow((double)s.d, -0.25);
         D.phi_scale = (float)(1.0 / std::sqrt((double)cfg_.features));

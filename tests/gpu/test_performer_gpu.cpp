@@ -91,15 +91,16 @@ AttnResult run_cpu(const PerfCase& c, const AttnContext& ctx, const Inputs& in,
 // Tolerances of ‖gpu − cpu‖/‖cpu‖. Both sides compute in fp32 on identical inputs; they differ
 // by summation order (and expf vs std::exp), which the feature map's exp amplifies by the logit
 // magnitude (|a| ~ 250 at ×8; measured fp32 vs fp64 on the CPU at ×8: o ~1e-5, dq up to 2e-4).
-// bf16 outputs add their rounding (2^-9 relative at most), and the bf16 path multiplies features,
-// values and gradients with single TF32 products (operands rounded to 2^-11 relative), which
-// reaches the saved normaliser R (fp32) too: 1e-3 there instead of fp32's 1e-4.
+// bf16 outputs add their rounding (2^-9 relative at most), and the bf16 path rounds the features
+// (and the states, scores and frame-scaled rows) to bf16 for the tensor cores, which reaches the
+// saved normaliser R (fp32) too: R_i = Σ_j φq_i·φk_j·..., at ×8 nearly one product of two rounded
+// features (measured up to 1.8e-3), so 5e-3 there instead of fp32's 1e-4.
 struct Tolerance {
     double out, dq, saved;
 };
 Tolerance tolerance(const PerfCase& c) {
     const bool big = c.magnitude > 1;
-    if (c.dtype == DType::BF16) return Tolerance{1e-2, 1e-2, 1e-3};
+    if (c.dtype == DType::BF16) return Tolerance{1e-2, 1e-2, 5e-3};
     return big ? Tolerance{1e-3, 2e-3, 1e-3} : Tolerance{1e-4, 1e-4, 1e-4};
 }
 
@@ -118,6 +119,11 @@ void expect_close(const PerfCase& c, const AttnResult& gpu, const AttnResult& cp
     EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, floor_rms), tol.dq) << "dq";
     EXPECT_LE(rel_err_floor(gpu.dk, cpu.dk, floor_rms), tol.out) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol.out) << "dv";
+    // the measured errors, for choosing tolerances from what was seen
+    std::printf("  errors: o %.2e  R %.2e  dq %.2e  dk %.2e  dv %.2e\n", rel_err(gpu.o, cpu.o),
+                rel_err(slice(gpu.saved, 0, rows), slice(cpu.saved, 0, rows)),
+                rel_err_floor(gpu.dq, cpu.dq, floor_rms), rel_err_floor(gpu.dk, cpu.dk, floor_rms),
+                rel_err(gpu.dv, cpu.dv));
 }
 
 // ---------------------------------------------------------------- GPU vs CPU reference
