@@ -11,44 +11,49 @@
 // so that chunk z = bh·nc + c of every array sits at a fixed stride and each product below is ONE
 // strided-batched cuBLAS GEMM over all chunks of all heads. The operands of those GEMMs are
 // materialised in the storage type E (bf16 for bf16 inputs: tensor cores, fp32 accumulation;
-// fp32 for fp32 inputs: fp32 without TF32, the checking path); every frame factor exp(ck − ck')
-// that depends on one position only is applied to that position's row, so no materialised
-// operand holds anything but features, values or gradients scaled by factors ≤ 1.
+// fp32 for fp32 inputs: fp32 without TF32, the checking path).
 //   forward   1. logits a = x̃·Ωᵀ − ‖x̃‖²/2 of q and k (one fp32 GEMM, operands augmented with
 //                −‖x̃‖²/2 and a ones column) and their maxima per 64-feature tile
 //             2. cq (row max), ck (running max: a block scan)                        -> saved
-//             3. Φq, Φk (E) from the logits; Vρ_j = ρ_j·[v_j|1], V1_j = [v_j|1] (E),
-//                ρ_j = exp(ck_j − ck_last(c))
-//             4. U_c = Φk_cᵀ·Vρ_c (m × (d+1) per chunk), exclusive prefix over chunks in fixed
-//                order (frame ck_last(c−1)): S_c (E)
-//             5. W_c = tril(Φq_c·Φk_cᵀ ∘ exp(ck_j − ck_i))                            (64 × 64, E)
+//             3. Φq, Φk from the logits, Φk' = ρ∘Φk (ρ_j = exp(ck_j − ck_last(c))), V1 = [v | 1 | 1]
+//             4. U_c = Φk'_cᵀ·V1_c (m × (d+2) per chunk), exclusive prefix over chunks in fixed
+//                order (frame ck_last(c−1)): S_c
+//             5. W_c = tril(Φq_c·Φk_cᵀ ∘ exp(ck_j − ck_i))                                  (64 × 64)
 //             6. out_i = r_i·(Φq_i·S_c) + (W_c·V1_c)_i,  r_i = exp(ck_last(c−1) − ck_i) (0 in chunk 0)
 //             7. o = out[:d]/R (guarded), R = out[d] saved
-//   backward  the logits and operands again; D_i = dO_i·o_i, g_i = [dO_i | −D_i]/R_i (0 for
-//             guarded rows), rg_i = r_i·g_i (E), dO (E); S_c as in the forward; the suffix states
-//             G_c = Σ_{i after chunk c} exp(ck_last(c) − ck_i)·φq_i·g_iᵀ (local Φq_cᵀ·rg_c, then a
-//             reverse scan); W'_ij = W_ij/R_i and M_ij = exp(ck_j − ck_i)·(dO_i·v_j − D_i)/R_i
-//             (the products dO·vᵀ on the unrounded inputs, D_i subtracted in fp32 as flash does);
-//             dφq = rg·S_cᵀ + M·Φk,   dφk = Vρ·G_cᵀ + Mᵀ·Φq,   dv = ρ∘(Φk·G_c) + W'ᵀ·dO;
-//             then through the feature map: da = dφ·m^(-1/2)·exp(a − c) in fp32 from the logits,
-//             dx = d^(-1/4)·(Ωᵀ·da − x̃·Σ_f da_f) (one fp32 GEMM: da·[Ω | 1]).
+//   backward  the logits and operands again, and Φq' = (r/R)∘Φq; D_i = dO_i·o_i (fp32) and the
+//             rows [dO | −D] (g_i = [dO_i | −D_i]/R_i is the gradient of out_i); S_c as in the
+//             forward; suffix states G_c = Σ_{i after chunk c} exp(ck_last(c) − ck_i)·φq_i·g_iᵀ
+//             (local Φq'_cᵀ·[dO | −D]_c, then a reverse scan); W'_ij = W_ij/R_i and
+//             M_ij = exp(ck_j − ck_i)·(dO_i·v_j − D_i)/R_i; then
+//             dφq = (r/R)∘([dO | −D]·S_cᵀ) + M·Φk,   dφk = ρ∘(V1·G_cᵀ) + Mᵀ·Φq,   dv = Φk'·G_c + W'ᵀ·dO,
+//             and through the feature map: da = dφ·m^(-1/2)·exp(a − c) in fp32 from the logits,
+//             dx = d^(-1/4)·(Ωᵀ·da − x̃·Σ_f da_f) (one GEMM: da·[Ω | 1]).
+// Cancellation: for nearly one-hot rows o_i ≈ v_j, so [dO | −D]·S_cᵀ and V1·G_cᵀ are small
+// differences of large sums (Σ φ·dO·v − D·Σ φ). bf16 storage keeps them fp32-accurate: the rows
+// [v | 1 | 1] and [dO | −D_hi | −D_lo] are exact (D = D_hi + D_lo), every frame and 1/R factor
+// sits on a feature row (Φk', Φq': its rounding scales both sides of the difference alike) or is
+// applied after the product, and the backward's states are hi + lo bf16 pairs (two GEMMs each);
+// M subtracts D in fp32 before rounding. (Rounding [dO | −D]/R and the states to bf16 alone gave
+// dq errors of 1.7e-2 at inputs ×8; now 7e-3, as the other bf16 variants.)
 // All exponents are ≤ 0: nothing overflows, whatever the input magnitude. Sums run in a fixed
 // order, no atomics (cuBLAS is reproducible run to run on one GPU): bitwise deterministic.
 // Speed (H100, bf16, B=2 H=12 T=32768 d=64, m=256, forward+backward): 58.9 ms (first version)
 // -> 49.1 ms (per-tile stabilisers, batched scans) -> 46.7 ms (Ω products as cuBLAS SGEMMs)
-// with 64×64 TF32 tile kernels computing features in their loaders (latency-bound, ~8 TFLOP/s)
-// -> (this version: materialised operands and strided-batched cuBLAS GEMMs) see RESULTS.md.
-// Math: bf16 storage rounds the features, ρ·[v|1], r·g, the states and the chunk scores to
-// bf16 (2^-9 relative) for the tensor cores; the logits, D_i, the normaliser and da stay fp32;
+// with 64×64 TF32 tile kernels that computed the features in their operand loaders
+// (latency-bound, ~8 TFLOP/s) -> 23.8 ms with the materialised operands and strided-batched
+// cuBLAS GEMMs of this file (our softmax: 42.9 ms in the same run).
+// Math: bf16 storage rounds the features (and Φk', Φq'), the chunk scores W, W', M and the
+// forward's states to bf16 (2^-9 relative); the logits, D, the normaliser and da stay fp32;
 // Ωᵀ·da runs in TF32. fp32 storage keeps fp32 accuracy throughout.
 //
 // saved (fp32): R, cq, ck — three (B,H,T) arrays, as the CPU.
-// workspace, linear in T (N = B·H·Tp padded rows, mld = m and dl = d + 1 rounded up to 8, nc
-// chunks per head): fp32 logits and their gradients 4·N·mld, one fp32 state buffer
-// B·H·nc·m·dl, chunk scores N·64, two row buffers 2·N·dl, tile maxima, the augmented rows of the
-// Ω GEMMs 4·N·xld; storage-type (sized as fp32) Φq, Φk 2·N·mld, Vρ, V1, dO, rg 4·N·dl, S and G
-// 2·B·H·nc·m·dl, W and M 2·N·64. About N·(6·mld + 2·m·dl/64·3 + 192 + 6·dl + 4·xld) floats:
-// ~11 KB per (b, h, t) at m = 256, d = 64.
+// workspace, linear in T (N = B·H·Tp padded rows, mld = m and dl = d + 2 rounded up to 8, nc
+// chunks per head, Sz = B·H·nc·m·dl): fp32 logits and the two parts of their gradients 6·N·mld,
+// one local state buffer Sz, chunk scores N·64, two row buffers 2·N·dl, tile maxima, the
+// augmented rows of the Ω GEMMs 4·N·xld; storage-type arrays (sized as fp32) Φ and Φ' 4·N·mld,
+// V1 and [dO | −D] 2·N·dl, S and G hi + lo 4·Sz, W and M 2·N·64: about 19 KB per (b, h, t) at
+// m = 256, d = 64.
 // Any head dim d ≥ 1 and feature count m ≥ 1; inputs bf16 or fp32 (all tensors one dtype),
 // strided HeadTensors; outputs in the input dtype; all accumulation in fp32.
 #include <cuda_bf16.h>

@@ -91,16 +91,17 @@ AttnResult run_cpu(const PerfCase& c, const AttnContext& ctx, const Inputs& in,
 // Tolerances of ‖gpu − cpu‖/‖cpu‖. Both sides compute in fp32 on identical inputs; they differ
 // by summation order (and expf vs std::exp), which the feature map's exp amplifies by the logit
 // magnitude (|a| ~ 250 at ×8; measured fp32 vs fp64 on the CPU at ×8: o ~1e-5, dq up to 2e-4).
-// bf16 outputs add their rounding (2^-9 relative at most), and the bf16 path rounds the features
-// (and the states, scores and frame-scaled rows) to bf16 for the tensor cores, which reaches the
-// saved normaliser R (fp32) too: R_i = Σ_j φq_i·φk_j·..., at ×8 nearly one product of two rounded
-// features (measured up to 1.8e-3), so 5e-3 there instead of fp32's 1e-4.
+// bf16 outputs add their rounding (2^-9 relative at most), and the bf16 path rounds the features,
+// the chunk scores and the forward's states to bf16 for the tensor cores. Measured over 4 × 12
+// bf16 cases (fresh seeds): o, dv ≤ 3.4e-3, dq ≤ 7.1e-3, dk ≤ 5.2e-3; the saved normaliser R (fp32)
+// ≤ 4.7e-3 (at T = 1 one rounded chunk score and one product of rounded features, no averaging).
+// So bf16: 1e-2 for o, dv and R, 2e-2 for dq and dk (as flash's and hyper's bf16 tests).
 struct Tolerance {
-    double out, dq, saved;
+    double out, grad, saved;
 };
 Tolerance tolerance(const PerfCase& c) {
     const bool big = c.magnitude > 1;
-    if (c.dtype == DType::BF16) return Tolerance{1e-2, 1e-2, 5e-3};
+    if (c.dtype == DType::BF16) return Tolerance{1e-2, 2e-2, 1e-2};
     return big ? Tolerance{1e-3, 2e-3, 1e-3} : Tolerance{1e-4, 1e-4, 1e-4};
 }
 
@@ -116,8 +117,8 @@ void expect_close(const PerfCase& c, const AttnResult& gpu, const AttnResult& cp
     // At T=1, o = v exactly, so dq and dk are zero by math and both sides hold rounding noise
     // only: measure them against a floor of 10% of dv's rms (far below dq's size when T > 1).
     const double floor_rms = std::max(1e-3, 0.1 * gpu_test::rms(cpu.dv));
-    EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, floor_rms), tol.dq) << "dq";
-    EXPECT_LE(rel_err_floor(gpu.dk, cpu.dk, floor_rms), tol.out) << "dk";
+    EXPECT_LE(rel_err_floor(gpu.dq, cpu.dq, floor_rms), tol.grad) << "dq";
+    EXPECT_LE(rel_err_floor(gpu.dk, cpu.dk, floor_rms), tol.grad) << "dk";
     EXPECT_LE(rel_err(gpu.dv, cpu.dv), tol.out) << "dv";
     // the measured errors, for choosing tolerances from what was seen
     std::printf("  errors: o %.2e  R %.2e  dq %.2e  dk %.2e  dv %.2e\n", rel_err(gpu.o, cpu.o),
