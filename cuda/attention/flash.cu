@@ -26,10 +26,11 @@
 // f+b 204 -> 219 (torch flash 305/286 and 336/320 in the same runs; tests/bench/RESULTS.md).
 // An ordered (deterministic) dQ accumulation inside the dK/dV kernel, 5 matmuls instead of 7,
 // measured the same f+b (208 at d=64, 16k) and was dropped: the extra matmuls are not the limit.
-// v3 (Hopper): on compute capability 9.0 the bf16 forward and dQ kernels are the wgmma ones of
-// flash_wgmma.cu (use_wgmma below); these mma.sync ones serve every other GPU and FLASH_KERNELS=mma.
+// v3 (Hopper): on compute capability 9.0 the bf16 forward, dQ and dK/dV kernels are the wgmma ones
+// of flash_wgmma.cu (use_wgmma below); these mma.sync ones serve every other GPU and FLASH_KERNELS=mma.
 // On the H100 at T = 32k: fwd 246 -> 325 (d=64), 284 -> 426 (d=128) TFLOP/s; f+b 212 -> 239 and
-// 225 -> 275, i.e. 0.82× and 0.86× torch flash (tests/bench/RESULTS.md, session 4).
+// 225 -> 275 with forward and dQ on wgmma (0.82× and 0.86× torch flash, session 4), -> 269 and 355
+// with dK/dV too (0.92× and 1.10× torch flash; tests/bench/RESULTS.md, session 5).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

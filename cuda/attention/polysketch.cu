@@ -42,7 +42,9 @@
 // Speed (B=2 H=12 T=32768 d=64 bf16 f+b on an H100): 129.7 ms with TF32 block_gemm everywhere
 // (latency-bound 64×64 tiles: sketch 59%, states 21% of the time) -> 55.4 ms with the bf16
 // tensor-core sketch and the bf16 cuBLAS states -> 46.0 ms with aligned (ldy) rows, the hardware
-// tanh in the sketch kernels and fewer gradient partials; our softmax: 54.2 ms in the same run.
+// tanh in the sketch kernels and fewer gradient partials; our softmax: 54.2 ms in the same run
+// -> 40.7 ms with 2 GB sketch chunks and a 512 MB contraction buffer (fewer rounds; softmax, by
+// then with all flash kernels on wgmma: 42.9 ms in the same run).
 // Math: bf16 storage rounds the sketch's LN(x), GELU activations and dh, the features Φ, G and the
 // states to bf16 (2^-9 relative) for the tensor cores, accumulating in fp32, and runs the diagonal
 // blocks in TF32 (cuBLAS TF32 math: 10 mantissa bits); fp32 storage keeps fp32
