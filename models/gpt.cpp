@@ -138,7 +138,7 @@ GPT::GPT(const GPTConfig& c, Ops& o, int B_, int T_, const DataParallel& dp) : c
 
     // ---- activations: a spec table (dtype, elements) laid out in one arena
     const size_t N = (size_t)B * T, L = cfg.L, C = cfg.C, Vp = cfg.padded_vocab;
-    AttnShape shape{B, cfg.H, T, cfg.head_dim()};
+    AttnShape shape{B, cfg.H, T, cfg.head_dim(), adt};
     const size_t saved = attn_->saved_size(shape);
     acts_ = std::make_unique<Acts>();
     Acts& a = *acts_;
@@ -294,7 +294,7 @@ float GPT::forward(const int* tokens, const int* targets, int b, int t, bool tra
     ops.upload_ints(tokens_dev_, tokens, N);
     if (targets) ops.upload_ints(targets_dev_, targets, N);
     Acts& a = *acts_;
-    AttnShape shape{b, cfg.H, t, d};
+    AttnShape shape{b, cfg.H, t, d, ops.act_dtype()};
     const size_t saved_stride = a.attn_saved.n / L;
     auto layer = [&](Tensor x, int l, size_t width) { return x.slice(l * NMAX * width, N * width); };
     auto rows = [&](Tensor x, size_t width) { return x.slice(0, N * width); };
@@ -380,7 +380,7 @@ void GPT::backward(bool last_micro_step) {
     const int b = last_b_, t = last_t_, C = cfg.C, L = cfg.L, Vp = cfg.padded_vocab, d = cfg.head_dim();
     const size_t N = (size_t)b * t, NMAX = (size_t)B * T;
     Acts& a = *acts_;
-    AttnShape shape{b, cfg.H, t, d};
+    AttnShape shape{b, cfg.H, t, d, ops.act_dtype()};
     const size_t saved_stride = a.attn_saved.n / L;
     auto layer = [&](Tensor x, int l, size_t width) { return x.slice(l * NMAX * width, N * width); };
     auto rows = [&](Tensor x, size_t width) { return x.slice(0, N * width); };

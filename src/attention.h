@@ -30,6 +30,9 @@ inline HeadTensor head_tensor_bhtd(void* p, DType dt, int H, int T, int d) {
 
 struct AttnShape {
     int B = 1, H = 1, T = 1, d = 64;
+    // storage dtype of q, k, v, o: workspace_bytes may size for it (F32, the default, is the
+    // largest and always enough); a variant may refuse a call whose tensors are wider than this.
+    DType dtype = DType::F32;
     size_t rows() const { return (size_t)B * H * T; }
 };
 

@@ -263,7 +263,7 @@ int run(int argc, char** argv) {
     CHECK(tool.layer >= 0 && tool.step >= 0, "--layer %d and --step %lld must be >= 0", tool.layer, (long long)tool.step);
     CHECK(tool.repeats >= 1 && tool.warmup >= 0, "--repeats %d must be >= 1 and --warmup %d >= 0", tool.repeats, tool.warmup);
     const AttnConfig cfg = attention_config(opts);
-    const AttnShape shape{tool.batch, tool.heads, tool.seq, tool.head_dim};
+    AttnShape shape{tool.batch, tool.heads, tool.seq, tool.head_dim};
     const AttnContext ctx{tool.layer, tool.step};
     const size_t numel = shape.rows() * shape.d;
 
@@ -272,6 +272,7 @@ int run(int argc, char** argv) {
     std::unique_ptr<Ops> ops = cuda ? make_cuda_ops(opts.precision == "fp32" ? DType::F32 : DType::BF16) : make_cpu_ops();
     std::unique_ptr<Attention> attn = ops->make_attention(cfg);
     const DType act = ops->act_dtype();
+    shape.dtype = act;
     const size_t num_params = attn->num_params(shape.d);
     if (!tool.out.empty()) ensure_writable_dir(tool.out, "output folder");
 

@@ -49,16 +49,17 @@
 //
 // saved (fp32): R, cq, ck — three (B,H,T) arrays, as the CPU.
 // workspace, linear in T (N = B·H·Tp padded rows, mld = m and dl = d + 2 rounded up to 8, nc
-// chunks per head, Sz = B·H·nc·m·dl): fp32 logits and the two parts of their gradients 6·N·mld,
-// one local state buffer Sz, chunk scores N·64, two row buffers 2·N·dl, tile maxima, the
-// augmented rows of the Ω GEMMs 4·N·xld; storage-type arrays (sized as fp32) Φ and Φ' 4·N·mld,
-// V1 and [dO | −D] 2·N·dl, S and G hi + lo 4·Sz, W and M 2·N·64: about 19 KB per (b, h, t) at
-// m = 256, d = 64.
+// chunks per head, Sz = B·H·nc·m·dl), sized for AttnShape::dtype: fp32 logits and the two parts
+// of their gradients 6·N·mld (the local states Sz share the intra-chunk part's region), chunk
+// scores N·64, two row buffers 2·N·dl, tile maxima, the augmented rows of the Ω GEMMs 4·N·xld;
+// in the storage type: Φ and Φ' 4·N·mld, V1 and [dO | −D] 2·N·dl, S and G hi + lo 4·Sz, W and M
+// 2·N·64. At m = 256, d = 64: 13 KB per (b, h, t) in bf16 (10 GB at B·H·T = 786k), 18 KB in fp32.
 // Any head dim d ≥ 1 and feature count m ≥ 1; inputs bf16 or fp32 (all tensors one dtype),
 // strided HeadTensors; outputs in the input dtype; all accumulation in fp32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <string>
@@ -101,7 +102,8 @@ struct Work {
     float* dphi_state;  // (2N, mld) backward: the inter-chunk part of dφ (before its row scale) of q,
                         //   then of k; then da of q and k in place
     float* dphi_local;  // (2N, mld) backward: the intra-chunk part of dφ of q, then of k
-    float* state;       // (B·H·nc, m, dl) local chunk states U_c (forward) or L_c (backward)
+    float* state;       // (B·H·nc, m, dl) local chunk states U_c (forward) or L_c (backward);
+                        //   the region of dphi_local (dead by the time dphi_local is written)
     float* score;       // (B·H·nc, 64, 64) raw chunk products Φq·Φkᵀ, then dO·vᵀ
     float* out_s;       // (N, dl) forward: Φq·S_c; backward: dv = Φk'·G_c + W'ᵀ·dO
     float* out_l;       // (N, dl) forward: W·V1
@@ -119,11 +121,17 @@ struct Work {
     E* mm;              // (B·H·nc, 64, 64) M
 };
 
+// Sizes in floats, each array rounded up to 64 floats (256-byte aligned); the storage-type
+// arrays take elem_bytes per element (2 for bf16, 4 for fp32). The local states (dead after the
+// scans) and the intra-chunk dφ (written after them) share one region.
 struct WorkLayout {
-    size_t rows_m, states, scores, rows_d, dots, tmax, aug;  // floats per array (rounded to 64)
-    static size_t round64(size_t n) { return (n + 63) / 64 * 64; }  // 256-byte aligned arrays
-    WorkLayout(const Dims& D) {
+    size_t elem_bytes;
+    size_t rows_m, states, scores, rows_d, dots, tmax, aug;  // fp32 arrays
+    size_t e_rows_m, e_states, e_scores, e_rows_d;          // storage-type arrays
+    static size_t round64(size_t n) { return (n + 63) / 64 * 64; }
+    WorkLayout(const Dims& D, size_t elem) : elem_bytes(elem) {
         const size_t bhc = (size_t)D.B * D.H * D.nc;
+        auto e = [&](size_t n) { return round64((n * elem + 3) / 4); };
         rows_m = round64(2 * D.N * D.mld);
         states = round64(bhc * D.m * D.dl);
         scores = round64(bhc * kChunk * kChunk);
@@ -131,12 +139,14 @@ struct WorkLayout {
         dots = round64(D.N);
         tmax = round64(2 * D.N * ((D.m + kTile - 1) / kTile));
         aug = round64(2 * D.N * aug_ld(D.d));
+        e_rows_m = e(2 * D.N * D.mld);
+        e_states = e(bhc * D.m * D.dl);
+        e_scores = e(bhc * kChunk * kChunk);
+        e_rows_d = e(D.N * D.dl);
     }
-    // fp32 arrays, then the storage-type ones, each sized as fp32 (the bf16 ones use half: the
-    // workspace size is asked without the dtype)
     size_t total() const {
-        return 3 * rows_m + states + scores + 2 * rows_d + dots + tmax + 2 * aug +  // fp32
-               2 * rows_m + 2 * rows_d + 4 * states + 2 * scores;                   // E
+        return 2 * rows_m + std::max(states, rows_m) + scores + 2 * rows_d + dots + tmax + 2 * aug +  // fp32
+               2 * e_rows_m + 2 * e_rows_d + 4 * e_states + 2 * e_scores;                              // E
     }
     template <typename E>
     Work<E> carve(float* p) const {
@@ -144,8 +154,8 @@ struct WorkLayout {
         auto take = [&](size_t n) { float* at = p; p += n; return at; };
         w.logits = take(rows_m);
         w.dphi_state = take(rows_m);
-        w.dphi_local = take(rows_m);
-        w.state = take(states);
+        w.state = p;  // shares its region with dphi_local
+        w.dphi_local = take(std::max(states, rows_m));
         w.score = take(scores);
         w.out_s = take(rows_d);
         w.out_l = take(rows_d);
@@ -153,16 +163,16 @@ struct WorkLayout {
         w.tile_max = take(tmax);
         w.xaug = take(aug);
         w.gaug = take(aug);
-        w.phi = reinterpret_cast<E*>(take(rows_m));
-        w.phi_scaled = reinterpret_cast<E*>(take(rows_m));
-        w.v_one = reinterpret_cast<E*>(take(rows_d));
-        w.dod = reinterpret_cast<E*>(take(rows_d));
-        w.s_hi = reinterpret_cast<E*>(take(states));
-        w.s_lo = reinterpret_cast<E*>(take(states));
-        w.g_hi = reinterpret_cast<E*>(take(states));
-        w.g_lo = reinterpret_cast<E*>(take(states));
-        w.w = reinterpret_cast<E*>(take(scores));
-        w.mm = reinterpret_cast<E*>(take(scores));
+        w.phi = reinterpret_cast<E*>(take(e_rows_m));
+        w.phi_scaled = reinterpret_cast<E*>(take(e_rows_m));
+        w.v_one = reinterpret_cast<E*>(take(e_rows_d));
+        w.dod = reinterpret_cast<E*>(take(e_rows_d));
+        w.s_hi = reinterpret_cast<E*>(take(e_states));
+        w.s_lo = reinterpret_cast<E*>(take(e_states));
+        w.g_hi = reinterpret_cast<E*>(take(e_states));
+        w.g_lo = reinterpret_cast<E*>(take(e_states));
+        w.w = reinterpret_cast<E*>(take(e_scores));
+        w.mm = reinterpret_cast<E*>(take(e_scores));
         return w;
     }
 };
@@ -678,7 +688,7 @@ template <typename Tin>
 void launch_forward(cublasHandle_t blas, const Dims& D, float* workspace, const float* omega1, Strided o, Strided q,
                     Strided k, Strided v, float* saved) {
     using E = Tin;
-    const Work<E> w = WorkLayout(D).carve<E>(workspace);
+    const Work<E> w = WorkLayout(D, sizeof(E)).carve<E>(workspace);
     const Views<E> x = views(D, w);
     const size_t rows = (size_t)D.B * D.H * D.T;
     const int64_t rows_d = (int64_t)kChunk * D.dl, score = kChunk * kChunk;
@@ -710,7 +720,7 @@ template <typename Tin>
 void launch_backward(cublasHandle_t blas, const Dims& D, float* workspace, const float* omega1, Strided dq, Strided dk,
                      Strided dv, Strided dout, Strided q, Strided k, Strided v, Strided o, const float* saved) {
     using E = Tin;
-    const Work<E> w = WorkLayout(D).carve<E>(workspace);
+    const Work<E> w = WorkLayout(D, sizeof(E)).carve<E>(workspace);
     const Views<E> x = views(D, w);
     const size_t rows = (size_t)D.B * D.H * D.T;
     const float* saved_r = saved;
@@ -781,7 +791,7 @@ public:
     std::string name() const override { return "performer"; }
     size_t saved_size(const AttnShape& s) const override { return performer_saved_size(s); }
     size_t workspace_bytes(const AttnShape& s) const override {
-        return WorkLayout(dims(s)).total() * sizeof(float);
+        return WorkLayout(dims(s), dtype_size(s.dtype)).total() * sizeof(float);
     }
 
     void forward(const AttnShape& s, const AttnContext& ctx, HeadTensor o, HeadTensor q,
@@ -877,6 +887,10 @@ private:
         const DType dt = attention_dtype("performer", ts, false);
         CHECK(dt == DType::BF16 || dt == DType::F32, "performer attention (CUDA): dtype %s not supported",
               dtype_name(dt));
+        CHECK(dtype_size(dt) <= dtype_size(s.dtype),
+              "performer attention (CUDA): the tensors are %s but the shape says %s, and the workspace is sized "
+              "for the shape's dtype: pass the tensors' dtype in AttnShape::dtype",
+              dtype_name(dt), dtype_name(s.dtype));
         return dt;
     }
 
