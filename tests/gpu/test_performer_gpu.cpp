@@ -196,6 +196,22 @@ TEST(PerformerCudaChecks, RefusesMixedDtypes) {
                  std::runtime_error);
 }
 
+// A workspace sized for bf16 (AttnShape::dtype) is too small for fp32 tensors: refused, not overrun.
+TEST(PerformerCudaChecks, RefusesTensorsWiderThanTheShape) {
+    Ops& ops = cuda_ops(DType::F32);
+    const AttnShape s{1, 1, 16, 64, DType::BF16};
+    Buffer x(ops, DType::F32, 4 * s.rows() * s.d, "test f32");
+    std::unique_ptr<Attention> attn = make_cuda_performer_attention(config_of({1, 1, 16, 64, 16, false, 1, kF32}));
+    Buffer saved(ops, DType::F32, attn->saved_size(s), "test saved");
+    Buffer work(ops, DType::F32, attn->workspace_bytes(s) / 4 + 1, "test workspace");
+    const HeadTensor t = head_tensor_bhtd(x.t().ptr, DType::F32, s.H, s.T, s.d);
+    EXPECT_THROW(attn->forward(s, AttnContext{}, t, t, t, t, saved.t().f32(), Tensor{}, work.t().ptr),
+                 std::runtime_error);
+    AttnShape wide = s;
+    wide.dtype = DType::F32;
+    EXPECT_GT(attn->workspace_bytes(wide), attn->workspace_bytes(s));
+}
+
 TEST(PerformerCudaChecks, RefusesNoFeatures) {
     AttnConfig cfg;
     cfg.name = "performer";
