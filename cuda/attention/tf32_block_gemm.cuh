@@ -1,5 +1,6 @@
-// The block GEMM on the tensor cores shared by the linear-attention kernels (performer.cu,
-// polysketch.cu): one 256-thread block computes a 64×64 fp32 output tile, acc += A·B over a k range,
+// The block GEMM on the tensor cores of polysketch.cu's fp32 path and TF32 fallbacks (performer.cu
+// used it too until its products moved to batched cuBLAS GEMMs over materialised operands, 46.7 ->
+// 23.8 ms f+b at B=2 H=12 T=32k on the H100): one 256-thread block computes a 64×64 fp32 output tile, acc += A·B over a k range,
 // with the operands read through loader functors (so an operand may be computed on the fly:
 // features, normalised inputs, activations) and staged in shared memory 16 k at a time; the
 // products run as mma.sync m16n8k8 TF32 with 1, 2 or 3 TF32 products per fp32 product (Tf32
