@@ -204,6 +204,31 @@ __device__ __forceinline__ PaddedRow padded_row(const Dims& D, size_t p) {
     return PaddedRow{(int)(p / D.Tp), (int)(p % D.Tp)};
 }
 
+// Feature row n of 2N (q's padded rows, then k's): its stabiliser (cq or ck) and its frame factor,
+// ρ_t for k rows, r_t/R_t for q rows when saved_r is given (0 for guarded rows; 0 without saved_r);
+// live = false and both 0 in padding rows.
+struct FeatureRow {
+    bool is_k, live;
+    float stab, row_scale;
+};
+__device__ __forceinline__ FeatureRow feature_row(const Dims& D, size_t n, const float* __restrict__ cq,
+                                                  const float* __restrict__ ck, const float* __restrict__ saved_r) {
+    FeatureRow f{n >= D.N, false, 0.f, 0.f};
+    const PaddedRow r = padded_row(D, f.is_k ? n - D.N : n);
+    f.live = r.t < D.T;
+    if (!f.live) return f;
+    const float* ckh = ck + (size_t)r.bh * D.T;
+    if (f.is_k) {
+        f.stab = ckh[r.t];
+        f.row_scale = key_frame(ckh, r.t, D.T);
+    } else {
+        f.stab = cq[(size_t)r.bh * D.T + r.t];
+        const float R = saved_r != nullptr ? saved_r[(size_t)r.bh * D.T + r.t] : 0.f;
+        f.row_scale = R > 0.f ? query_frame(ckh, r.t, D.T) / R : 0.f;
+    }
+    return f;
+}
+
 // ================================================================ row kernels
 // xaug (2N, xld): row p < N is q's padded row p, row N + p is k's; padding rows are zero. One warp per row.
 template <typename Tin>
@@ -312,31 +337,17 @@ __global__ void __launch_bounds__(kThreads)
     if (idx >= 2 * D.N * quads) return;
     const size_t n = idx / quads;
     const int f0 = (int)(idx % quads) * 4;
-    const bool is_k = n >= D.N;
-    const PaddedRow r = padded_row(D, is_k ? n - D.N : n);
-    const bool live = r.t < D.T;
-    const bool scaled = is_k || saved_r != nullptr;
-    float stab = 0.f, row_scale = 0.f;
-    if (live) {
-        const float* ckh = ck + (size_t)r.bh * D.T;
-        if (is_k) {
-            stab = ckh[r.t];
-            row_scale = key_frame(ckh, r.t, D.T);
-        } else {
-            stab = cq[(size_t)r.bh * D.T + r.t];
-            const float R = scaled ? saved_r[(size_t)r.bh * D.T + r.t] : 0.f;
-            row_scale = R > 0.f ? query_frame(ckh, r.t, D.T) / R : 0.f;
-        }
-    }
+    const FeatureRow row = feature_row(D, n, cq, ck, saved_r);
+    const bool scaled = row.is_k || saved_r != nullptr;
     const float4 a = *reinterpret_cast<const float4*>(logits + n * D.mld + f0);
     const float av[4] = {a.x, a.y, a.z, a.w};
     E* out = phi + n * D.mld + f0;
     E* out_scaled = phi_scaled + n * D.mld + f0;
 #pragma unroll
     for (int u = 0; u < 4; u++) {
-        const float x = live && f0 + u < D.m ? D.phi_scale * (expf(av[u] - stab) + D.epsilon) : 0.f;
+        const float x = row.live && f0 + u < D.m ? D.phi_scale * (expf(av[u] - row.stab) + D.epsilon) : 0.f;
         out[u] = from_f32<E>(x);
-        if (scaled) out_scaled[u] = from_f32<E>(row_scale * x);
+        if (scaled) out_scaled[u] = from_f32<E>(row.row_scale * x);
     }
 }
 
@@ -510,27 +521,13 @@ __global__ void __launch_bounds__(kThreads)
     if (idx >= 2 * D.N * quads) return;
     const size_t n = idx / quads;
     const int f0 = (int)(idx % quads) * 4;
-    const bool is_k = n >= D.N;
-    const PaddedRow r = padded_row(D, is_k ? n - D.N : n);
-    const bool live = r.t < D.T;
-    float stab = 0.f, row_scale = 0.f;
-    if (live) {
-        const float* ckh = ck + (size_t)r.bh * D.T;
-        if (is_k) {
-            stab = ckh[r.t];
-            row_scale = key_frame(ckh, r.t, D.T);
-        } else {
-            stab = cq[(size_t)r.bh * D.T + r.t];
-            const float R = saved_r[(size_t)r.bh * D.T + r.t];
-            row_scale = R > 0.f ? query_frame(ckh, r.t, D.T) / R : 0.f;
-        }
-    }
+    const FeatureRow row = feature_row(D, n, cq, ck, saved_r);
     const float4 a = *reinterpret_cast<const float4*>(logits + n * D.mld + f0);
     const float4 loc = *reinterpret_cast<const float4*>(dphi_local + n * D.mld + f0);
     float4* g = reinterpret_cast<float4*>(dphi_state + n * D.mld + f0);
     float4 x = *g;
     auto one = [&](float st, float lo, float av, int u) {
-        return live && f0 + u < D.m ? (row_scale * st + lo) * D.phi_scale * expf(av - stab) : 0.f;
+        return row.live && f0 + u < D.m ? (row.row_scale * st + lo) * D.phi_scale * expf(av - row.stab) : 0.f;
     };
     x.x = one(x.x, loc.x, a.x, 0);
     x.y = one(x.y, loc.y, a.y, 1);
