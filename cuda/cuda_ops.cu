@@ -199,28 +199,11 @@ public:
         });
     }
     void matmul_forward(Tensor out, Tensor inp, Tensor w, Tensor bias, int N, int IC, int OC) override {
-        const DType dt = out.dtype;
-        with_type(dt, [&](auto tag) {
-            using A = decltype(tag);
-            A* o = data<A>(out, (size_t)N * OC, "matmul out");
-            const A* x = data<A>(inp, (size_t)N * IC, "matmul inp");
-            const A* wt = data<A>(w, (size_t)OC * IC, "matmul w");
-            const A* b = bias.empty() ? nullptr : data<A>(bias, OC, "matmul bias");
-            gpu::matmul_forward(blas_, o, x, wt, b, dt, N, IC, OC, stream_);
-        });
+        run_matmul_forward(out, Tensor{}, inp, w, bias, N, IC, OC, kMatmulNames);
     }
     void matmul_backward(Tensor dinp, Tensor dw, Tensor dbias, Tensor dout, Tensor inp, Tensor w, int N, int IC,
                          int OC) override {
-        const DType dt = dout.dtype;
-        with_type(dt, [&](auto tag) {
-            using A = decltype(tag);
-            A* di = data<A>(dinp, (size_t)N * IC, "matmul dinp");
-            const A* dy = data<A>(dout, (size_t)N * OC, "matmul dout");
-            const A* x = data<A>(inp, (size_t)N * IC, "matmul inp");
-            const A* wt = data<A>(w, (size_t)OC * IC, "matmul w");
-            gpu::matmul_backward(blas_, di, f32(dw, (size_t)OC * IC, "matmul dw"), f32_or_null(dbias, OC, "matmul dbias"),
-                                 dy, x, wt, dt, N, IC, OC, reduce_scratch_, stream_);
-        });
+        run_matmul_backward(dinp, dw, dbias, dout, inp, w, Tensor{}, N, IC, OC, kMatmulNames);
     }
     void residual_layernorm_forward(Tensor residual, Tensor out, Tensor mean, Tensor rstd, Tensor a, Tensor b,
                                     Tensor w, Tensor bias, int N, int C) override {
@@ -237,31 +220,11 @@ public:
     }
     void matmul_gelu_forward(Tensor act, Tensor pre, Tensor inp, Tensor w, Tensor bias, int N, int IC,
                              int OC) override {
-        const DType dt = act.dtype;
-        with_type(dt, [&](auto tag) {
-            using A = decltype(tag);
-            A* o = data<A>(act, (size_t)N * OC, "matmul_gelu act");
-            A* p = data<A>(pre, (size_t)N * OC, "matmul_gelu pre");
-            const A* x = data<A>(inp, (size_t)N * IC, "matmul_gelu inp");
-            const A* wt = data<A>(w, (size_t)OC * IC, "matmul_gelu w");
-            const A* b = bias.empty() ? nullptr : data<A>(bias, OC, "matmul_gelu bias");
-            gpu::matmul_forward(blas_, o, x, wt, b, dt, N, IC, OC, stream_, p);
-        });
+        run_matmul_forward(act, pre, inp, w, bias, N, IC, OC, kMatmulGeluNames);
     }
     void matmul_backward_gelu(Tensor dinp, Tensor dw, Tensor dbias, Tensor dout, Tensor inp, Tensor w, Tensor pre,
                               int N, int IC, int OC) override {
-        const DType dt = dout.dtype;
-        with_type(dt, [&](auto tag) {
-            using A = decltype(tag);
-            A* di = data<A>(dinp, (size_t)N * IC, "matmul_gelu dinp");
-            const A* dy = data<A>(dout, (size_t)N * OC, "matmul_gelu dout");
-            const A* x = data<A>(inp, (size_t)N * IC, "matmul_gelu inp");
-            const A* wt = data<A>(w, (size_t)OC * IC, "matmul_gelu w");
-            const A* p = data<A>(pre, (size_t)N * IC, "matmul_gelu pre");
-            gpu::matmul_backward(blas_, di, f32(dw, (size_t)OC * IC, "matmul_gelu dw"),
-                                 f32_or_null(dbias, OC, "matmul_gelu dbias"), dy, x, wt, dt, N, IC, OC,
-                                 reduce_scratch_, stream_, p);
-        });
+        run_matmul_backward(dinp, dw, dbias, dout, inp, w, pre, N, IC, OC, kMatmulGeluNames);
     }
     void gelu_forward(Tensor out, Tensor inp) override {
         with_type(out.dtype, [&](auto tag) {
@@ -332,6 +295,47 @@ public:
     std::unique_ptr<Attention> make_attention(const AttnConfig& cfg) override { return make_cuda_attention(cfg); }
 
 private:
+    // The tensors' names in error messages of the plain matmul and of the one with the GELU
+    // epilogue (pre: the GELU's input, kept by the forward, read by the backward).
+    struct MatmulNames {
+        bool gelu;
+        const char *out, *pre, *inp, *w, *bias, *dinp, *dout, *dw, *dbias;
+    };
+    static constexpr MatmulNames kMatmulNames{false, "matmul out", "", "matmul inp", "matmul w", "matmul bias",
+                                              "matmul dinp", "matmul dout", "matmul dw", "matmul dbias"};
+    static constexpr MatmulNames kMatmulGeluNames{true, "matmul_gelu act", "matmul_gelu pre", "matmul_gelu inp",
+                                                  "matmul_gelu w", "matmul_gelu bias", "matmul_gelu dinp",
+                                                  "matmul_gelu dout", "matmul_gelu dw", "matmul_gelu dbias"};
+    // out (N, OC) = inp·wᵀ + bias, = GELU(pre) with pre (N, OC) the product when names.gelu.
+    void run_matmul_forward(Tensor out, Tensor pre, Tensor inp, Tensor w, Tensor bias, int N, int IC, int OC,
+                            const MatmulNames& names) {
+        const DType dt = out.dtype;
+        with_type(dt, [&](auto tag) {
+            using A = decltype(tag);
+            A* o = data<A>(out, (size_t)N * OC, names.out);
+            A* p = names.gelu ? data<A>(pre, (size_t)N * OC, names.pre) : nullptr;
+            const A* x = data<A>(inp, (size_t)N * IC, names.inp);
+            const A* wt = data<A>(w, (size_t)OC * IC, names.w);
+            const A* b = bias.empty() ? nullptr : data<A>(bias, OC, names.bias);
+            gpu::matmul_forward(blas_, o, x, wt, b, dt, N, IC, OC, stream_, p);
+        });
+    }
+    // dinp, dw +=, dbias += of the above; with names.gelu dinp also through the GELU whose input
+    // pre (N, IC) produced inp.
+    void run_matmul_backward(Tensor dinp, Tensor dw, Tensor dbias, Tensor dout, Tensor inp, Tensor w, Tensor pre,
+                             int N, int IC, int OC, const MatmulNames& names) {
+        const DType dt = dout.dtype;
+        with_type(dt, [&](auto tag) {
+            using A = decltype(tag);
+            A* di = data<A>(dinp, (size_t)N * IC, names.dinp);
+            const A* dy = data<A>(dout, (size_t)N * OC, names.dout);
+            const A* x = data<A>(inp, (size_t)N * IC, names.inp);
+            const A* wt = data<A>(w, (size_t)OC * IC, names.w);
+            const A* p = names.gelu ? data<A>(pre, (size_t)N * IC, names.pre) : nullptr;
+            gpu::matmul_backward(blas_, di, f32(dw, (size_t)OC * IC, names.dw), f32_or_null(dbias, OC, names.dbias),
+                                 dy, x, wt, dt, N, IC, OC, reduce_scratch_, stream_, p);
+        });
+    }
     DType act_;
     cudaStream_t stream_ = 0;  // the default stream: attention modules and NCCL see the same order
     gpu::Blas blas_;
